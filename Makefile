@@ -1,0 +1,35 @@
+# The README's two commands are `make demo` and `make test`; each sets up the venv on first use.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines pin the CPU torch; on a GPU machine install your CUDA torch first and use
+# `make setup CONSTRAINTS=` (empty) so pip keeps it.
+CONSTRAINTS ?= constraints/cpu.txt
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	@echo "make demo: not yet available: needs issue #4 (distributed training)."
+	@echo "When it lands it will: generate the offline grouping benchmark into ./runs/demo/data,"
+	@echo "train the tiny CLIPpy of configs/demo.yaml with 2 Ray Train workers + DeepSpeed ZeRO-2 bf16"
+	@echo "on the CPU, export the handoff checkpoint and evaluate it. Today it builds that model:"
+	$(VENV)/bin/clippy-ray model --config configs/demo.yaml
+
+bench: setup
+	$(PY) bench/loss_chunking.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

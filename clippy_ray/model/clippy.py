@@ -1,0 +1,63 @@
+"""CLIPpy: image and text towers projected to one space, and a learnable temperature."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clippy_ray.config import ModelConfig
+from clippy_ray.model.image import ImageTower
+from clippy_ray.model.pretrained import load_image_backbone, load_text_encoder
+from clippy_ray.model.text import TextTower, encoder_from_config, text_config
+
+
+class CLIPpy(nn.Module):
+    def __init__(self, image: ImageTower, text: TextTower, init_temperature: float = 0.07,
+                 max_logit_scale: float = 100.0):
+        super().__init__()
+        self.image = image
+        self.text = text
+        # Shape [1], not []: DeepSpeed cannot flatten 0-dim parameters across ranks.
+        self.logit_scale = nn.Parameter(torch.full([1], math.log(1.0 / init_temperature)))
+        self.max_logit_scale = max_logit_scale
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clamped at max_logit_scale, as CLIP does. Clamped here rather than
+        in-place after each step so it also holds for ZeRO-3 partitioned parameters."""
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> L2-normalized [N, E]."""
+        return F.normalize(self.image(images), dim=-1)
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> L2-normalized per-location embeddings [N, H/p, W/p, E] (segmentation)."""
+        return F.normalize(self.image.forward_dense(images), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, L] -> L2-normalized [N, E]."""
+        return F.normalize(self.text(input_ids, attention_mask), dim=-1)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """-> (image embeddings [N, E], text embeddings [N, E], logit scale [1])."""
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.scale()
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> CLIPpy:
+    """The model a config describes, with pretrained weights loaded where the config names them.
+    `vocab_size` is the tokenizer's; a pretrained text encoder must have at least that many rows."""
+    image = ImageTower(cfg.image, cfg.embed_dim, cfg.aggregation, cfg.token_keep_ratio, cfg.token_keep_count)
+    if cfg.image.pretrained:
+        load_image_backbone(image.vit, cfg.image.pretrained)
+    if cfg.text.pretrained:
+        encoder = load_text_encoder(cfg.text.pretrained, cfg.text.hf_config)
+    else:
+        encoder = encoder_from_config(text_config(cfg.text, vocab_size))
+    text = TextTower(encoder, cfg.embed_dim)
+    if text.vocab_size < vocab_size:
+        raise ValueError(f"model.text: the tokenizer has {vocab_size} tokens but the text encoder embeds only "
+                         f"{text.vocab_size}; use the tokenizer the encoder was trained with (model.text.tokenizer)")
+    return CLIPpy(image, text, cfg.init_temperature, cfg.max_logit_scale)

@@ -1,0 +1,94 @@
+"""ViT image tower (timm): any resolution that is a multiple of the patch size, token
+sub-sampling at train time, and max / avg / cls aggregation over a projected dense map."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from clippy_ray.config import ImageConfig
+
+
+def aggregate(patches: torch.Tensor, cls: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """patches [N, K, E] (projected), cls [N, E] (projected) -> [N, E]."""
+    if mode == "max":  # CLIPpy: the gradient lands on one location per channel
+        return patches.amax(dim=1)
+    if mode == "avg":
+        return patches.mean(dim=1)
+    if mode == "cls":
+        if cls is None:
+            raise ValueError("aggregation 'cls' needs a ViT with a class token")
+        return cls
+    raise ValueError(f"unknown aggregation {mode!r}; expected max, avg or cls")
+
+
+def keep_random_tokens(tokens: torch.Tensor, keep: int) -> torch.Tensor:
+    """Keep `keep` random tokens of each row, a different subset per image. [N, L, D] -> [N, keep, D]."""
+    n, length, dim = tokens.shape
+    if keep >= length:
+        return tokens
+    idx = torch.rand(n, length, device=tokens.device).argsort(dim=1)[:, :keep]
+    return tokens.gather(1, idx.unsqueeze(-1).expand(n, keep, dim))
+
+
+class ImageTower(nn.Module):
+    def __init__(self, cfg: ImageConfig, embed_dim: int, aggregation: str = "max",
+                 keep_ratio: float | None = None, keep_count: int | None = None):
+        super().__init__()
+        try:
+            self.vit = timm.create_model(cfg.name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                         img_size=cfg.img_size, **cfg.timm_kwargs)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"model.image.name={cfg.name!r} with timm_kwargs={cfg.timm_kwargs}: {err}") from None
+        if not all(hasattr(self.vit, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm")):
+            raise ValueError(f"model.image.name={cfg.name!r} is not a timm VisionTransformer")
+        if aggregation == "cls" and getattr(self.vit, "cls_token", None) is None:
+            raise ValueError(f"model.aggregation='cls' but {cfg.name!r} has no class token")
+        self.patch_size = tuple(self.vit.patch_embed.patch_size)
+        self.num_prefix = self.vit.num_prefix_tokens
+        self.has_cls = getattr(self.vit, "cls_token", None) is not None
+        self.aggregation = aggregation
+        self.keep_ratio = keep_ratio
+        self.keep_count = keep_count
+        self.proj = nn.Linear(self.vit.embed_dim, embed_dim, bias=False)
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        h, w = images.shape[-2:]
+        ph, pw = self.patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
+                             f"resize to e.g. {h // ph * ph}x{w // pw * pw}")
+        return h // ph, w // pw
+
+    def _num_keep(self, length: int) -> int:
+        if self.keep_count is not None:
+            return min(self.keep_count, length)
+        if self.keep_ratio is not None:
+            return max(1, min(length, round(length * self.keep_ratio)))
+        return length
+
+    def _encode(self, images: torch.Tensor, subsample: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """-> projected class token [N, E] (or None) and projected patch tokens [N, K, E]."""
+        vit = self.vit
+        x = vit.patch_embed(images)  # [N, H, W, D] (dynamic_img_size keeps the grid)
+        x = vit._pos_embed(x)  # [N, P + H*W, D]: position embeddings interpolated, added before any drop
+        prefix, patches = x[:, :self.num_prefix], x[:, self.num_prefix:]
+        if subsample:
+            patches = keep_random_tokens(patches, self._num_keep(patches.shape[1]))
+        x = torch.cat([prefix, patches], dim=1)
+        x = vit.norm(vit.blocks(vit.norm_pre(x)))
+        cls = self.proj(x[:, 0]) if self.has_cls else None
+        return cls, self.proj(x[:, self.num_prefix:])
+
+    def forward_dense(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-location projected features, no sub-sampling: [N, 3, H*p, W*p] -> [N, H, W, E]."""
+        h, w = self.grid(images)
+        _, patches = self._encode(images, subsample=False)
+        return patches.reshape(images.shape[0], h, w, -1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Aggregated image embedding [N, E] (not normalized). Sub-samples tokens in train mode."""
+        self.grid(images)
+        cls, patches = self._encode(images, subsample=self.training)
+        return aggregate(patches, cls, self.aggregation)

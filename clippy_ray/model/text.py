@@ -1,0 +1,57 @@
+"""Text tower (transformers): a T5 encoder (or any HF encoder), masked mean pooling as in
+Sentence-T5, and a learned projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from clippy_ray.config import TextConfig
+
+_T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
+def encoder_from_config(config: PretrainedConfig) -> PreTrainedModel:
+    """Encoder-only model for a config: T5 family -> its EncoderModel, anything else -> AutoModel."""
+    name = _T5_ENCODERS.get(config.model_type)
+    if name is not None:
+        import transformers
+
+        return getattr(transformers, name)(config)
+    return AutoModel.from_config(config)
+
+
+def hidden_size(config: PretrainedConfig) -> int:
+    return getattr(config, "d_model", None) or config.hidden_size
+
+
+def text_config(cfg: TextConfig, vocab_size: int) -> PretrainedConfig:
+    """Config for a randomly initialized encoder; the vocabulary follows the tokenizer."""
+    overrides = {"vocab_size": vocab_size, **cfg.hf_config}
+    try:
+        return AutoConfig.for_model(cfg.model_type, **overrides)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"model.text.model_type={cfg.model_type!r} / hf_config: {err}") from None
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [N, L, D], mask [N, L] -> [N, D], padding excluded."""
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class TextTower(nn.Module):
+    def __init__(self, encoder: PreTrainedModel, embed_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Linear(hidden_size(encoder.config), embed_dim, bias=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoder.get_input_embeddings().num_embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, L] token ids and mask -> [N, E] (not normalized)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.proj(mean_pool(hidden, attention_mask))

@@ -1,0 +1,134 @@
+"""Storage addressed by URI: a local path or `s3://bucket/prefix`.
+
+Endpoints and credentials come from the environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), never from configs; nothing here logs or returns them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_MAX_ATTEMPTS = 5  # bounded retries for transient S3 failures (AWS standard retry strategy)
+
+
+class StorageError(RuntimeError):
+    """A storage location that cannot be used, with the URI and what to check."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem configured from the environment (or an explicit endpoint URL)."""
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        "connect_timeout": 10,
+        "request_timeout": 60,
+    }
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    # Credentials: pyarrow's default AWS chain reads them from the environment / instance role.
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """URI -> (pyarrow filesystem, path inside it). `s3://b/k` -> (S3, "b/k")."""
+    uri = str(uri)
+    if is_s3(uri):
+        path = uri[len("s3://"):].rstrip("/")
+        if not path or "/" == path[0]:
+            raise StorageError(f"{uri}: expected s3://bucket/key")
+        return s3_filesystem(), path
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{uri}: unsupported scheme; use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+
+def _hint(uri: str) -> str:
+    if not is_s3(uri):
+        return ""
+    return (" Check the bucket exists, AWS_ENDPOINT_URL points at the S3 server, and"
+            " AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY allow access.")
+
+
+def _describe(uri: str, err: Exception) -> StorageError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return StorageError(f"{uri}: {first_line}.{_hint(uri)}")
+
+
+def info(uri: str) -> pafs.FileInfo:
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path)
+    except OSError as err:
+        raise _describe(uri, err) from None
+
+
+def exists(uri: str) -> bool:
+    return info(uri).type != pafs.FileType.NotFound
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLIPPY_RAY_CACHE", Path.home() / ".cache" / "clippy-ray"))
+
+
+def fetch(uri: str) -> Path:
+    """A local path holding `uri` (a file or a folder). Local URIs are returned as they are;
+    S3 objects are downloaded once into the cache, keyed by URI, size and modification time."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        if not os.path.exists(path):
+            raise StorageError(f"{uri}: no such file or directory")
+        return Path(path)
+    fi = info(uri)
+    if fi.type == pafs.FileType.NotFound:
+        raise StorageError(f"{uri}: no such object or prefix.{_hint(uri)}")
+    stamp = f"{uri}|{fi.size}|{fi.mtime_ns}|{fi.type}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:24]
+    target = cache_dir() / key / os.path.basename(path)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        if fi.type == pafs.FileType.Directory:
+            (tmp / "x").mkdir()
+        pafs.copy_files(path, str(tmp / "x"), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        try:
+            os.replace(tmp / "x", target)  # atomic: a concurrent reader sees all or nothing
+        except OSError:
+            if not target.exists():
+                raise
+    except OSError as err:
+        raise _describe(uri, err) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def upload(local: str | os.PathLike, uri: str) -> None:
+    """Copy a local file or folder to `uri` (local or s3)."""
+    fs, path = resolve(uri)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(os.path.dirname(path), recursive=True)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as err:
+        raise _describe(uri, err) from None

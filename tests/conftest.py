@@ -1,0 +1,58 @@
+"""Session fixtures: one real S3-compatible server (moto) on 127.0.0.1, tiny model configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from clippy_ray import config
+
+TINY = [
+    "model.image.img_size=32",
+    "model.image.timm_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}",
+    "model.text.hf_config={num_layers: 2, d_model: 32, d_kv: 8, num_heads: 4, d_ff: 64}",
+    "model.text.max_length=16",
+    "model.embed_dim=16",
+]
+
+
+def tiny_config(*overrides: str) -> config.Config:
+    """A 2-layer ViT and a 2-layer T5 with the byte tokenizer."""
+    return config.load(None, TINY + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real moto S3 server; the environment points boto3 and pyarrow at it (fake credentials)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_REGION": "us-east-1",
+        "CLIPPY_RAY_CACHE": str(tmp_path_factory.mktemp("cache")),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket per test; returns its name."""
+    import boto3
+
+    name = "t-" + request.node.name.lower().replace("_", "-")[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clippy_ray.model import build_model
+from clippy_ray.model.image import keep_random_tokens
+from clippy_ray.tokenizer import build_tokenizer
+from tests.conftest import tiny_config
+
+
+def make(*overrides):
+    cfg = tiny_config(*overrides)
+    tok = build_tokenizer(cfg.model.text)
+    return build_model(cfg.model, tok.vocab_size), tok
+
+
+def batch(tok, n=4, size=32):
+    torch.manual_seed(0)
+    enc = tok(["a red circle on stripes", "two stars", "a blue heart", "a ring and a cross"][:n])
+    return torch.randn(n, 3, size, size), torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
+
+
+@pytest.mark.parametrize("aggregation", ["max", "avg", "cls"])
+def test_forward_backward_every_aggregation_with_token_subsampling(aggregation):
+    model, tok = make(f"model.aggregation={aggregation}", "model.token_keep_ratio=0.5")
+    model.train()
+    images, ids, mask = batch(tok)
+    img, txt, scale = model(images, ids, mask)
+    assert img.shape == txt.shape == (4, 16)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(4))
+    loss = -(img * txt).sum(-1).mean() * scale.squeeze()
+    loss.backward()
+    for name in ("image.proj.weight", "image.vit.patch_embed.proj.weight", "text.proj.weight", "logit_scale"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_model_built_at_224_runs_at_448_with_a_twice_larger_feature_map():
+    model, _ = make("model.image.img_size=224", "model.image.timm_kwargs={depth: 1, embed_dim: 32, num_heads: 2}")
+    model.eval()
+    with torch.no_grad():
+        small = model.dense_features(torch.randn(1, 3, 224, 224))
+        large = model.dense_features(torch.randn(1, 3, 448, 448))
+        emb = model.encode_image(torch.randn(2, 3, 448, 448))
+    assert small.shape == (1, 14, 14, 16)
+    assert large.shape == (1, 28, 28, 16)
+    assert emb.shape == (2, 16)
+
+
+def test_resolution_not_a_multiple_of_the_patch_is_a_clear_error():
+    model, _ = make()
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8x8"):
+        model.encode_image(torch.randn(1, 3, 36, 36))
+
+
+def test_max_pool_embedding_is_the_max_over_the_dense_map():
+    model, tok = make("model.aggregation=max", "model.token_keep_ratio=0.5")
+    model.eval()  # sub-sampling is off at eval
+    images, _, _ = batch(tok)
+    with torch.no_grad():
+        dense = model.image.forward_dense(images)  # [N, H, W, E] before normalization
+        emb = model.encode_image(images)
+    torch.testing.assert_close(emb, F.normalize(dense.amax(dim=(1, 2)), dim=-1))
+    # and the dense map that segmentation uses is that map, normalized per location
+    torch.testing.assert_close(model.dense_features(images), F.normalize(dense, dim=-1))
+
+
+def test_avg_pool_embedding_is_the_mean_over_the_dense_map():
+    model, tok = make("model.aggregation=avg")
+    model.eval()
+    images, _, _ = batch(tok)
+    with torch.no_grad():
+        dense = model.image.forward_dense(images)
+        torch.testing.assert_close(model.encode_image(images), F.normalize(dense.mean(dim=(1, 2)), dim=-1))
+
+
+def test_cls_mode_still_gives_dense_features_through_the_same_projection():
+    model, tok = make("model.aggregation=cls")
+    model.eval()
+    images, _, _ = batch(tok)
+    with torch.no_grad():
+        dense = model.dense_features(images)
+        cls_emb = model.encode_image(images)
+    assert dense.shape == (4, 4, 4, 16)
+    # the class embedding is not one of the patch embeddings
+    assert not torch.allclose(cls_emb, F.normalize(model.image.forward_dense(images).amax(dim=(1, 2)), dim=-1))
+
+
+def test_token_subsampling_keeps_a_different_random_subset_per_image():
+    torch.manual_seed(0)
+    tokens = torch.arange(2 * 16, dtype=torch.float32).reshape(1, 32, 1).repeat(8, 1, 3)  # rows identical
+    kept = keep_random_tokens(tokens, 8)
+    assert kept.shape == (8, 8, 3)
+    sets = {tuple(sorted(row[:, 0].tolist())) for row in kept}
+    assert len(sets) > 1  # different subsets across the batch
+    for row in kept:  # a subset of the original tokens, without repeats
+        values = row[:, 0].tolist()
+        assert len(set(values)) == 8 and set(values) <= set(range(32))
+
+
+def test_subsampling_count_and_ratio_are_applied_in_training_only():
+    seen = []
+    for override, expected in (("model.token_keep_count=3", 3), ("model.token_keep_ratio=0.25", 4)):
+        model, tok = make(override)
+        model.image.vit.blocks.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+        images, _, _ = batch(tok)
+        model.train()
+        model.encode_image(images)
+        model.eval()
+        model.encode_image(images)
+        assert seen[-2:] == [1 + expected, 1 + 16], override  # class token + kept patches; all at eval
+
+
+def test_cls_aggregation_without_a_class_token_is_a_config_error():
+    with pytest.raises(ValueError, match="has no class token"):
+        make("model.aggregation=cls",
+             "model.image.timm_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2, class_token: false, global_pool: avg}")
+
+
+def test_logit_scale_is_a_1d_parameter_clamped_at_the_max():
+    model, _ = make("model.init_temperature=0.07")
+    assert model.logit_scale.shape == (1,)
+    torch.testing.assert_close(model.scale(), torch.tensor([1 / 0.07]))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.scale().item() == pytest.approx(100.0)
+
+
+def test_pretrained_text_encoder_smaller_than_the_tokenizer_is_rejected(tmp_path):
+    from transformers import T5Config
+
+    from clippy_ray.model.pretrained import save_text_encoder
+    from clippy_ray.model.text import encoder_from_config
+
+    small = T5Config(vocab_size=100, num_layers=2, d_model=32, d_kv=8, num_heads=4, d_ff=64)
+    save_text_encoder(encoder_from_config(small), tmp_path / "t5")
+    with pytest.raises(ValueError, match="tokenizer has 384 tokens but the text encoder embeds only 100"):
+        make(f"model.text.pretrained={tmp_path / 't5'}")
