@@ -48,6 +48,73 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_make_benchmark(args: argparse.Namespace) -> int:
+    from clippy_ray.data.benchmark import BenchmarkSpec
+    from clippy_ray.data.commands import make_benchmark
+    from clippy_ray.ray_init import init_ray
+
+    init_ray()
+    spec = BenchmarkSpec(seed=args.seed, image_size=args.image_size, image_format=args.format,
+                         spurious_p=args.spurious_p)
+    meta = make_benchmark(args.out, args.rows, args.eval_rows, spec, args.rows_per_shard)
+    print(f"wrote {sum(meta['rows'].values())} rows to {args.out}: "
+          + ", ".join(f"{k} {v}" for k, v in meta["rows"].items()))
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from clippy_ray.data.commands import inspect
+
+    report = inspect(args.uri, args.image_column, args.caption_column, args.sample)
+    print(f"{report['uri']}: {report['rows']} rows in {report['files']} files")
+    print("columns: " + ", ".join(f"{k} ({v})" for k, v in report["columns"].items()))
+    print(f"images decoded: {report['decoded']} of the first {report['sampled']}")
+    for caption in report["captions"]:
+        print(f"  caption: {caption}")
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from clippy_ray.data.commands import convert
+    from clippy_ray.ray_init import init_ray
+
+    init_ray()
+    report = convert(args.index, args.out, args.image_root, args.rows_per_shard, args.path_column,
+                     args.caption_column)
+    print(f"{report['index']}: {report['rows']} rows -> {report['written']} written to {report['out']}, "
+          f"{report['skipped']} skipped (missing or undecodable image, or empty caption)")
+    return 0
+
+
+def _add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="datasets: make the offline benchmark, inspect, convert")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = dsub.add_parser("make-benchmark", help="generate the offline grouping benchmark as parquet")
+    p.add_argument("--out", required=True, help="output URI (folder or s3://bucket/prefix)")
+    p.add_argument("--rows", type=int, required=True, help="rows of train and train-spurious")
+    p.add_argument("--eval-rows", type=int, default=None, help="rows of val/test-* (default max(64, rows/5))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--format", choices=("png", "jpeg"), default="png")
+    p.add_argument("--spurious-p", type=float, default=0.95, help="class/background co-occurrence in train-spurious")
+    p.add_argument("--rows-per-shard", type=int, default=500)
+    p.set_defaults(func=cmd_data_make_benchmark)
+    p = dsub.add_parser("inspect", help="row count, columns, captions, how many images decode")
+    p.add_argument("uri")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--sample", type=int, default=256, help="images to try decoding")
+    p.set_defaults(func=cmd_data_inspect)
+    p = dsub.add_parser("convert", help="images + a CSV/TSV index (path, caption) -> sharded parquet")
+    p.add_argument("--index", required=True, help="CSV or .tsv with a header naming the path and caption columns")
+    p.add_argument("--out", required=True, help="output URI (an empty folder or s3 prefix)")
+    p.add_argument("--image-root", default=None, help="folder the paths are relative to (default: the index's)")
+    p.add_argument("--rows-per-shard", type=int, default=10_000)
+    p.add_argument("--path-column", default="path")
+    p.add_argument("--caption-column", default="caption")
+    p.set_defaults(func=cmd_data_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clippy-ray",
@@ -61,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model", help="build the model a config describes and print its size")
     _add_config_args(p)
     p.set_defaults(func=cmd_model)
+    _add_data_parser(sub)
     return parser
 
 
@@ -75,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, StorageError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, StorageError, ValueError, FileNotFoundError) as err:  # incl. DataSchemaError
         print(f"clippy-ray: {err}", file=sys.stderr)
         return 2
 

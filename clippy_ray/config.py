@@ -107,12 +107,41 @@ class LossConfig:
 
 
 @dataclass
+class DataConfig:
+    train: str | None = None  # parquet file or folder URI (local or s3://)
+    val: str | None = None
+    image_column: str = "image"  # encoded bytes, or an HF datasets {bytes, path} struct
+    caption_column: str = "caption"
+    shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (0: off)
+    seed: int = 0  # file order and local shuffle are seeded per epoch from this
+    min_crop_scale: float = 0.5  # random resized crop area range [min_crop_scale, 1]
+    decode_batch_size: int = 64  # rows per map_batches call
+    decode_cpus: float = 1.0  # CPUs each decode task asks Ray for
+    block_mib: int = 16  # Ray Data block size: small blocks of encoded images spread decoding over CPUs
+
+    def check(self, path: str) -> list[str]:
+        errors = []
+        if self.shuffle_buffer < 0:
+            errors.append(f"{path}.shuffle_buffer: {self.shuffle_buffer} must be >= 0")
+        if not 0 < self.min_crop_scale <= 1:
+            errors.append(f"{path}.min_crop_scale: {self.min_crop_scale} must be in (0, 1]")
+        if self.decode_batch_size < 1:
+            errors.append(f"{path}.decode_batch_size: {self.decode_batch_size} must be >= 1")
+        if self.block_mib < 1:
+            errors.append(f"{path}.block_mib: {self.block_mib} must be >= 1")
+        if self.decode_cpus <= 0:
+            errors.append(f"{path}.decode_cpus: {self.decode_cpus} must be > 0")
+        return errors
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def check(self, path: str = "") -> list[str]:
-        return self.model.check("model") + self.loss.check("loss")
+        return self.model.check("model") + self.loss.check("loss") + self.data.check("data")
 
 
 # ---------------------------------------------------------------- building from plain data

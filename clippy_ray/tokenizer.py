@@ -23,6 +23,9 @@ class Tokenizer:
         return len(self.hf)
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if len(texts) == 0:  # Ray Data can hand a map function an empty block
+            empty = np.zeros((0, self.max_length), np.int64)
+            return {"input_ids": empty, "attention_mask": empty.copy()}
         out = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
                       return_tensors="np")
         return {"input_ids": out["input_ids"].astype(np.int64),

@@ -56,3 +56,17 @@ def bucket(s3_server, request):
     name = "t-" + request.node.name.lower().replace("_", "-")[:50].strip("-")
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the session (2 CPUs, like the CI box). Started after the S3 server so its
+    workers inherit the endpoint from the environment."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

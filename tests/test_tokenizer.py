@@ -16,6 +16,11 @@ def test_byte_tokenizer_needs_no_file_and_pads_to_max_length():
     assert out["attention_mask"][1].all()  # truncated
 
 
+def test_an_empty_batch_gives_empty_arrays():
+    out = build_tokenizer(TextConfig(tokenizer="byte", max_length=12))([])
+    assert out["input_ids"].shape == out["attention_mask"].shape == (0, 12)
+
+
 def test_saved_tokenizer_reloads_from_a_local_folder_and_s3_with_identical_ids(tmp_path, bucket):
     tok = build_tokenizer(TextConfig(tokenizer="byte"))
     tok.save(tmp_path / "tok")

@@ -1,0 +1,155 @@
+"""Ray Data pipeline: parquet (local or s3://) -> decode + augment + tokenize in map_batches ->
+fixed-size batches of valid rows on each training worker.
+
+Bad rows (undecodable image, empty caption, missing value) are flagged `valid = 0` by the decode
+step and dropped, and counted, where batches are assembled (`BatchStream`), so no row is lost
+silently and every batch still has exactly `batch_size` rows (the gathered loss needs that).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from ray.data import FileShuffleConfig
+
+from clippy_ray import storage
+from clippy_ray.config import DataConfig, TextConfig
+from clippy_ray.data.schema import check_columns, image_bytes
+from clippy_ray.data.transforms import load_image
+
+@dataclass
+class EpochFileShuffle(FileShuffleConfig):
+    """File order seeded by (seed, epoch). Ray re-seeds with the execution index, which starts at
+    0 in every new driver; offsetting it by `first_epoch` lets a resumed run replay the order the
+    interrupted run would have seen from that epoch on."""
+
+    first_epoch: int = 0
+
+    def get_seed(self, execution_idx: int = 0) -> int | None:
+        return hash((self.seed, self.first_epoch + execution_idx)) % (2**32)
+
+
+def read_parquet(uri: str, columns: list[str], cfg: DataConfig, first_epoch: int = 0) -> ray.data.Dataset:
+    """Parquet file or folder at `uri`, only `columns`, file order shuffled per epoch.
+    Fails at once, naming the URI and the columns found, if the image or caption column is wrong."""
+    fs, path = storage.resolve(uri)
+    try:
+        ds = ray.data.read_parquet(path, filesystem=fs,
+                                   shuffle=EpochFileShuffle(seed=cfg.seed, first_epoch=first_epoch))
+        schema = ds.schema()  # parquet footers only; nothing is decoded yet
+    except OSError as err:
+        raise storage.StorageError(f"{uri}: {str(err).strip().splitlines()[0]}") from None
+    check_columns(schema.base_schema, uri, cfg.image_column, cfg.caption_column)
+    return ds.select_columns(columns)  # pushed down into the parquet read
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(text_cfg: tuple):
+    from clippy_ray.tokenizer import build_tokenizer
+
+    return build_tokenizer(TextConfig(**dict(text_cfg)))
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], *, image_column: str, caption_column: str, size: int,
+                     train: bool, min_scale: float, text_cfg: tuple, seed: int) -> dict[str, np.ndarray]:
+    """One map_batches call: {image, caption} -> {image uint8 [N,3,S,S], input_ids, attention_mask,
+    valid uint8 [N]}. Augmentation randomness is fresh per call in training, fixed in eval."""
+    n = len(batch[caption_column])
+    rng = np.random.default_rng(None if train else seed)
+    images = np.zeros((n, 3, size, size), np.uint8)
+    valid = np.zeros(n, np.uint8)
+    captions = []
+    for i in range(n):
+        caption = batch[caption_column][i]
+        caption = caption.strip() if isinstance(caption, str) else ""
+        captions.append(caption)
+        data = image_bytes(batch[image_column][i])
+        if not caption or data is None:
+            continue
+        try:
+            images[i] = load_image(data, size, train, rng, min_scale)
+        except Exception:  # noqa: BLE001 - any undecodable image is a bad row, skipped and counted
+            continue
+        valid[i] = 1
+    tokens = _tokenizer(text_cfg)(captions)
+    return {"image": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+            "valid": valid}
+
+
+def build_dataset(uri: str, data_cfg: DataConfig, text_cfg: TextConfig, image_size: int, train: bool,
+                  first_epoch: int = 0) -> ray.data.Dataset:
+    """The streaming dataset the training loop consumes (one row per input row, bad ones flagged)."""
+    # Ray's default packs parquet into blocks of up to 128 MiB of *encoded* images: thousands of
+    # rows become one decode task, ~8x larger once decoded. Small blocks spread decoding over every
+    # CPU and keep decoded blocks small (bench/ingest.py: 128 -> 16 MiB is 1.5x on 2 cores). The
+    # setting is captured by the datasets built here, including those handed to Ray Train.
+    from ray.data import DataContext
+
+    DataContext.get_current().target_max_block_size = data_cfg.block_mib * 2**20
+    ds = read_parquet(uri, [data_cfg.image_column, data_cfg.caption_column], data_cfg, first_epoch)
+    fn_kwargs = dict(image_column=data_cfg.image_column, caption_column=data_cfg.caption_column, size=image_size,
+                     train=train, min_scale=data_cfg.min_crop_scale,
+                     text_cfg=tuple(sorted((k, v) for k, v in vars(text_cfg).items() if k != "hf_config")),
+                     seed=data_cfg.seed)
+    return ds.map_batches(preprocess_batch, fn_kwargs=fn_kwargs, batch_size=data_cfg.decode_batch_size,
+                          batch_format="numpy", num_cpus=data_cfg.decode_cpus)
+
+
+def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Zero-copy tensors. They can be read-only views of Ray's object store: consumers read them
+    (`normalize` and `.to(device)` make new tensors) and never write in place."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+class BatchStream:
+    """Exactly `batch_size` valid rows per batch from a Dataset or a worker's DataIterator shard;
+    counts the rows it skipped (flagged bad) and the tail it dropped at the end of each epoch."""
+
+    def __init__(self, source, batch_size: int, shuffle_buffer: int = 0, seed: int = 0):
+        self.source = source
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.rows_seen = 0
+        self.rows_skipped = 0
+        self.rows_dropped = 0
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        pending: list[dict[str, np.ndarray]] = []
+        buffered = 0
+        kwargs = {}
+        if self.shuffle_buffer:
+            kwargs = dict(local_shuffle_buffer_size=self.shuffle_buffer,
+                          local_shuffle_seed=zlib.crc32(f"{self.seed}:{epoch}".encode()))
+        for batch in self.source.iter_batches(batch_size=self.batch_size, batch_format="numpy",
+                                              prefetch_batches=2, **kwargs):
+            keep = batch.pop("valid").astype(bool)
+            self.rows_seen += len(keep)
+            good = int(keep.sum())
+            self.rows_skipped += len(keep) - good
+            if good == 0:
+                continue
+            if good == len(keep) and not pending and good == self.batch_size:
+                yield _tensors(batch)  # the common case: no copy
+                continue
+            pending.append(batch if good == len(keep) else {k: v[keep] for k, v in batch.items()})
+            buffered += good
+            while buffered >= self.batch_size:
+                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield _tensors({k: v[:self.batch_size] for k, v in merged.items()})
+                rest = {k: v[self.batch_size:] for k, v in merged.items()}
+                buffered -= self.batch_size
+                pending = [rest] if buffered else []
+        self.rows_dropped += buffered
+
+    def counters(self) -> dict[str, int]:
+        return {"rows_seen": self.rows_seen, "rows_skipped": self.rows_skipped, "rows_dropped": self.rows_dropped}

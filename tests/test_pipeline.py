@@ -1,0 +1,163 @@
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from clippy_ray import storage
+from clippy_ray.config import DataConfig, TextConfig
+from clippy_ray.data import benchmark as bm
+from clippy_ray.data.commands import convert, inspect, make_benchmark
+from clippy_ray.data.pipeline import BatchStream, build_dataset, read_parquet
+from clippy_ray.data.schema import DataSchemaError
+
+TEXT = TextConfig(tokenizer="byte", max_length=24)
+SPEC = bm.BenchmarkSpec(seed=3, image_size=48)
+
+
+def png(color=(10, 200, 30), size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def all_batches(ds, batch_size, **kw):
+    stream = BatchStream(ds, batch_size, **kw)
+    return list(stream.epoch(0)), stream
+
+
+def test_benchmark_round_trips_through_s3_into_ray_data_batches(ray_local, bucket):
+    make_benchmark(f"s3://{bucket}/bench", rows=40, eval_rows=8, spec=SPEC, rows_per_shard=16,
+                   splits=("train", "val"))
+    assert storage.exists(f"s3://{bucket}/bench/benchmark.json")
+    ds = build_dataset(f"s3://{bucket}/bench/train", DataConfig(decode_batch_size=8), TEXT, image_size=32, train=True)
+    batches, stream = all_batches(ds, 16)
+    assert len(batches) == 2 and stream.counters() == {"rows_seen": 40, "rows_skipped": 0, "rows_dropped": 8}
+    batch = batches[0]
+    assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (16, 24)
+    assert batch["input_ids"].dtype == torch.int64
+    assert batch["attention_mask"][:, 0].all()
+
+
+def test_hf_datasets_image_struct_and_a_renamed_caption_column_are_train_ready(ray_local, tmp_path):
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "image": pa.array([{"bytes": png((i * 20, 0, 0)), "path": f"{i}.png"} for i in range(10)], type=image_type),
+        "text": [f"a photo number {i}" for i in range(10)],
+    })
+    pq.write_table(table, tmp_path / "hf.parquet")
+    cfg = DataConfig(caption_column="text", decode_batch_size=4)
+    ds = build_dataset(str(tmp_path / "hf.parquet"), cfg, TEXT, image_size=16, train=False)
+    batches, stream = all_batches(ds, 5)
+    assert len(batches) == 2 and stream.rows_skipped == 0
+    # eval transform is deterministic: resize + center crop of a solid colour keeps the colour
+    reds = sorted(int(b["image"][i, 0, 8, 8]) for b in batches for i in range(5))
+    assert reds == [i * 20 for i in range(10)]
+
+
+def test_ten_percent_corrupt_images_yield_exactly_the_good_rows_and_count_the_bad(ray_local, tmp_path):
+    n = 50
+    bad = set(range(0, n, 10))  # 10%
+    images = [b"\x89PNG\r\n\x1a\nnot really a png" if i in bad else png((i, i, i)) for i in range(n)]
+    pq.write_table(pa.table({"image": images, "caption": [f"row {i}" for i in range(n)]}), tmp_path / "c.parquet")
+    ds = build_dataset(str(tmp_path / "c.parquet"), DataConfig(decode_batch_size=7), TEXT, image_size=8, train=False)
+    batches, stream = all_batches(ds, 9)
+    assert stream.counters() == {"rows_seen": 50, "rows_skipped": 5, "rows_dropped": 0}
+    got = sorted(int(b["image"][i, 0, 4, 4]) for b in batches for i in range(9))
+    assert got == sorted(i for i in range(n) if i not in bad)
+
+
+def test_empty_and_missing_captions_and_missing_images_are_skipped_and_counted(ray_local, tmp_path):
+    table = pa.table({"image": [png(), None, png(), png()], "caption": ["ok", "no image", "", None]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    ds = build_dataset(str(tmp_path / "m.parquet"), DataConfig(), TEXT, image_size=8, train=True)
+    batches, stream = all_batches(ds, 1)
+    assert len(batches) == 1 and stream.rows_skipped == 3
+
+
+def test_wrong_schema_fails_at_start_with_one_line_listing_the_columns(ray_local, tmp_path):
+    pq.write_table(pa.table({"img": [png()], "caption": ["x"]}), tmp_path / "w.parquet")
+    with pytest.raises(DataSchemaError) as err:
+        read_parquet(str(tmp_path / "w.parquet"), ["image", "caption"], DataConfig())
+    message = str(err.value)
+    assert "no image column 'image' (set data.image_column)" in message
+    assert "columns found: img (binary), caption (string)" in message and "\n" not in message
+
+
+def test_file_order_is_seeded_per_epoch_and_replayed_by_a_resumed_run(ray_local, tmp_path):
+    for shard in range(6):
+        pq.write_table(pa.table({"image": [png()], "caption": [f"shard {shard}"]}), tmp_path / f"p{shard}.parquet")
+    ray_local.data.DataContext.get_current().execution_options.preserve_order = True
+    try:
+        cfg = DataConfig(seed=5)
+
+        def order(ds):
+            return [r["caption"] for r in ds.iter_rows()]
+
+        ds = read_parquet(str(tmp_path), ["image", "caption"], cfg)
+        epochs = [order(ds) for _ in range(3)]  # each iteration is one execution = one epoch
+        assert len({tuple(e) for e in epochs}) > 1  # the order changes with the epoch
+        resumed = read_parquet(str(tmp_path), ["image", "caption"], cfg, first_epoch=2)
+        assert order(resumed) == epochs[2]
+    finally:
+        ray_local.data.DataContext.get_current().execution_options.preserve_order = False
+
+
+def test_inspect_reports_rows_columns_captions_and_decodable_images(tmp_path):
+    images = [png(), b"garbage", png()]
+    pq.write_table(pa.table({"image": images, "caption": ["a", "b", "c"]}), tmp_path / "i.parquet")
+    report = inspect(str(tmp_path / "i.parquet"))
+    assert report["rows"] == 3 and report["decoded"] == 2 and report["captions"] == ["a", "b", "c"]
+    assert report["columns"] == {"image": "binary", "caption": "string"}
+
+
+def test_convert_folder_with_csv_index_to_sharded_parquet_on_s3(ray_local, tmp_path, bucket):
+    (tmp_path / "imgs").mkdir()
+    lines = ["path,caption"]
+    for i in range(7):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(png((i, 0, 0)))
+        lines.append(f"imgs/{i}.png,a red square number {i}")
+    lines += ["imgs/missing.png,gone", "imgs/0.png,"]  # a missing file and an empty caption
+    (tmp_path / "index.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "imgs" / "3.png").write_bytes(b"corrupt")
+    report = convert(str(tmp_path / "index.csv"), f"s3://{bucket}/cc", rows_per_shard=3)
+    assert (report["rows"], report["written"], report["skipped"]) == (9, 6, 3)
+    back = inspect(f"s3://{bucket}/cc")
+    assert back["rows"] == 6 and back["decoded"] == 6 and back["files"] >= 2
+    with pytest.raises(ValueError, match="not empty"):
+        convert(str(tmp_path / "index.csv"), f"s3://{bucket}/cc")
+
+
+def test_pipeline_feeds_two_ray_train_workers_on_two_cpus_without_hanging(ray_local, tmp_path):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    make_benchmark(str(tmp_path / "b"), rows=32, eval_rows=0, spec=SPEC, rows_per_shard=8, splits=("train",))
+    ds = build_dataset(str(tmp_path / "b" / "train"), DataConfig(decode_batch_size=8), TEXT, image_size=32,
+                       train=True)
+
+    def loop(config):
+        import json
+
+        import ray.train
+
+        stream = BatchStream(ray.train.get_dataset_shard("train"), batch_size=4, shuffle_buffer=8)
+        shapes = [tuple(b["image"].shape) for b in stream.epoch(0)]
+        rank = ray.train.get_context().get_world_rank()
+        with open(f"{config['out']}/rank{rank}.json", "w") as f:
+            json.dump({"shapes": shapes, **stream.counters()}, f)
+
+    trainer = TorchTrainer(loop, train_loop_config={"out": str(tmp_path)}, datasets={"train": ds},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                           run_config=ray_local.train.RunConfig(storage_path=str(tmp_path / "runs")))
+    trainer.fit()
+    import json
+
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sum(r["rows_seen"] for r in reports) == 32  # the two shards cover the dataset once
+    for r in reports:
+        assert r["shapes"] and all(tuple(s) == (4, 3, 32, 32) for s in r["shapes"])
