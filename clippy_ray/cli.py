@@ -86,6 +86,25 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from clippy_ray import config, storage
+    from clippy_ray.ray_init import init_ray
+    from clippy_ray.train.checkpoint import HANDOFF_DIR
+    from clippy_ray.train.trainer import fit
+
+    cfg = config.load(args.config, args.overrides)
+    init_ray()
+    result = fit(cfg, init_from=args.init_from, init_mode=args.from_mode)
+    if result.checkpoint is not None:
+        path = result.checkpoint.path
+        uri = f"s3://{path}" if storage.is_s3(cfg.train.storage) else path
+        print(f"[clippy-ray] final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in (result.metrics or {}).items()
+                                                          if isinstance(v, (int, float))))
+        print(f"[clippy-ray] checkpoint: {uri}")
+        print(f"[clippy-ray] handoff model (eval / segment): {uri}/{HANDOFF_DIR}")
+    return 0
+
+
 def _add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="datasets: make the offline benchmark, inspect, convert")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -129,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_model)
     _add_data_parser(sub)
+    p = sub.add_parser("train", help="train (or resume) a run: Ray Train workers + DeepSpeed ZeRO")
+    _add_config_args(p)
+    p.add_argument("--from", dest="init_from", default=None,
+                   help="start a new run from this checkpoint URI (ignored when the run already has checkpoints)")
+    p.add_argument("--from-mode", choices=("weights", "full"), default="weights",
+                   help="weights only, or the full state (optimizer, schedule, step) of --from")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -146,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StorageError, ValueError, FileNotFoundError) as err:  # incl. DataSchemaError
         print(f"clippy-ray: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a failed Ray Train run: its workers' tracebacks are already printed
+        if type(err).__module__.startswith("ray.train"):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"clippy-ray: training failed: {first} (worker tracebacks above)", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

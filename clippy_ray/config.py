@@ -134,14 +134,99 @@ class DataConfig:
         return errors
 
 
+OPTIMIZERS = ("adamw", "lamb")
+PRECISIONS = ("bf16", "fp32")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline by default; online needs WANDB_API_KEY in the environment
+    project: str = "clippy-ray"
+    group: str | None = None
+
+    def check(self, path: str) -> list[str]:
+        if self.mode not in WANDB_MODES:
+            return [f"{path}.mode: {self.mode!r} is not one of {', '.join(WANDB_MODES)}"]
+        return []
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "clippy"  # running again with the same name (and storage) resumes the run
+    storage: str = "./runs"  # local folder or s3://bucket/prefix for checkpoints and results
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # < 1 on small CPU boxes leaves CPUs for Ray Data decoding
+    global_batch_size: int = 64  # pairs per optimizer step, over all workers and accumulation
+    grad_accum_steps: int = 1
+    steps: int = 1000  # optimizer steps
+    precision: str = "bf16"
+    zero_stage: int = 2
+    optimizer: str = "adamw"
+    lr: float = 5e-4
+    min_lr: float = 0.0  # cosine decays to this
+    warmup_steps: int = 100
+    weight_decay: float = 0.2  # not applied to norms, biases, embeddings tokens or the temperature
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # 0: off
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    val_every: int = 0  # 0: validate only at the end
+    val_batches: int = 8  # per worker
+    log_every: int = 10
+    max_failures: int = 0  # restarts from the last checkpoint when a worker dies
+    seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.global_batch_size // (self.num_workers * self.grad_accum_steps)
+
+    def check(self, path: str) -> list[str]:
+        errors = self.wandb.check(f"{path}.wandb")
+        positive = {"num_workers": self.num_workers, "global_batch_size": self.global_batch_size,
+                    "grad_accum_steps": self.grad_accum_steps, "steps": self.steps,
+                    "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
+                    "log_every": self.log_every, "val_batches": self.val_batches}
+        errors += [f"{path}.{k}: {v} must be >= 1" for k, v in positive.items() if v < 1]
+        if self.lr <= 0:
+            errors.append(f"{path}.lr: {self.lr} must be > 0")
+        if self.lr > 0 and not 0 <= self.min_lr <= self.lr:
+            errors.append(f"{path}.min_lr: {self.min_lr} must be in [0, lr={self.lr}]")
+        if self.zero_stage not in (0, 1, 2, 3):
+            errors.append(f"{path}.zero_stage: {self.zero_stage} is not a DeepSpeed ZeRO stage (0, 1, 2 or 3)")
+        if self.precision not in PRECISIONS:
+            errors.append(f"{path}.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            errors.append(f"{path}.optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        for name in ("warmup_steps", "val_every", "max_failures"):
+            if getattr(self, name) < 0:
+                errors.append(f"{path}.{name}: {getattr(self, name)} must be >= 0")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            errors.append(f"{path}: weight_decay and grad_clip must be >= 0, eps > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            errors.append(f"{path}.betas: {list(self.betas)} must be two numbers in [0, 1)")
+        if self.cpus_per_worker <= 0:
+            errors.append(f"{path}.cpus_per_worker: {self.cpus_per_worker} must be > 0")
+        per = self.num_workers * self.grad_accum_steps
+        if per >= 1 and self.global_batch_size >= 1 and self.global_batch_size % per:
+            errors.append(f"{path}.global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
+                          f"grad_accum_steps = {per}; use a multiple of {per}")
+        return errors
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def check(self, path: str = "") -> list[str]:
-        return self.model.check("model") + self.loss.check("loss") + self.data.check("data")
+        return (self.model.check("model") + self.loss.check("loss") + self.data.check("data")
+                + self.train.check("train"))
 
 
 # ---------------------------------------------------------------- building from plain data
@@ -163,6 +248,11 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             errors.append(f"{path}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
             return tp()
         return _build(tp, value, path, errors)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{path}: expected a list, got {value!r}")
+            return value
+        return tuple(value)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             errors.append(f"{path}: expected a mapping, got {value!r}")
@@ -172,6 +262,11 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -241,7 +336,14 @@ def load(path: str | None = None, overrides: list[str] | None = None, cls: type 
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain data (tuples as lists), what YAML and JSON hold."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return plain(dataclasses.asdict(cfg))
 
 
 def dump(cfg) -> str:

@@ -23,15 +23,40 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the gradient of its own rows summed
+    over all ranks (every rank's loss uses every row). Synchronous collectives on any backend."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        # all_gather_single replaces all_gather_into_tensor in newer torch; same collective
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, x.contiguous())
+        ctx.rows = x.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, grad)
+            return out
+        summed = grad.clone()  # gloo has no reduce-scatter: all-reduce, keep this rank's rows
+        dist.all_reduce(summed)
+        start = dist.get_rank() * ctx.rows
+        return summed[start:start + ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0; backward sends each rank the summed gradient of its own rows.
-    Every rank must pass the same shape (drop the last partial batch)."""
+    """All-gather along dim 0 with gradients. Every rank must pass the same shape (drop the last
+    partial batch)."""
     _, size = world()
     if size == 1:
         return x
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
-
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return _GatherWithGrad.apply(x)
 
 
 def _lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

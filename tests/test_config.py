@@ -7,12 +7,13 @@ def test_yaml_plus_dotted_overrides_fill_the_dataclasses(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  aggregation: avg\n  image: {name: vit_small_patch16_224, timm_kwargs: {depth: 2}}\n")
     cfg = config.load(str(path), ["model.image.timm_kwargs={depth: 3}", "loss.chunk_size=4096",
-                                  "model.token_keep_ratio=1"])
+                                  "model.token_keep_ratio=1", "train.lr=2e-3"])
     assert cfg.model.aggregation == "avg"
     assert cfg.model.image.name == "vit_small_patch16_224"
     assert cfg.model.image.timm_kwargs == {"depth": 3}
     assert cfg.loss.chunk_size == 4096
     assert cfg.model.token_keep_ratio == 1.0 and isinstance(cfg.model.token_keep_ratio, float)
+    assert cfg.train.lr == 0.002  # YAML reads 2e-3 as a string; float fields accept it
     assert config.from_dict(config.to_dict(cfg)) == cfg  # the resolved config reproduces the run
 
 

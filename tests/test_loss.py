@@ -96,6 +96,7 @@ def _two_rank_worker(rank: int, world: int, port: int, chunk_size, out_dir: str)
             dist.all_reduce(g)
             g /= world
         torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

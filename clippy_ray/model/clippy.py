@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from clippy_ray.config import ModelConfig
 from clippy_ray.model.image import ImageTower
@@ -46,13 +47,16 @@ class CLIPpy(nn.Module):
         return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.scale()
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> CLIPpy:
+def build_model(cfg: ModelConfig, vocab_size: int, encoder_config: PretrainedConfig | None = None) -> CLIPpy:
     """The model a config describes, with pretrained weights loaded where the config names them.
-    `vocab_size` is the tokenizer's; a pretrained text encoder must have at least that many rows."""
+    `vocab_size` is the tokenizer's; a pretrained text encoder must have at least that many rows.
+    `encoder_config` (a saved model's text encoder config) builds that encoder without loading weights."""
     image = ImageTower(cfg.image, cfg.embed_dim, cfg.aggregation, cfg.token_keep_ratio, cfg.token_keep_count)
-    if cfg.image.pretrained:
+    if cfg.image.pretrained and encoder_config is None:
         load_image_backbone(image.vit, cfg.image.pretrained)
-    if cfg.text.pretrained:
+    if encoder_config is not None:
+        encoder = encoder_from_config(encoder_config)
+    elif cfg.text.pretrained:
         encoder = load_text_encoder(cfg.text.pretrained, cfg.text.hf_config)
     else:
         encoder = encoder_from_config(text_config(cfg.text, vocab_size))

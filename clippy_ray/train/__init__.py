@@ -1,0 +1,1 @@
+"""Training: Ray Train workers each running DeepSpeed around the plain CLIPpy model."""
