@@ -22,14 +22,12 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
-	@echo "make demo: not yet available: needs issue #4 (distributed training)."
-	@echo "When it lands it will: generate the offline grouping benchmark into ./runs/demo/data,"
-	@echo "train the tiny CLIPpy of configs/demo.yaml with 2 Ray Train workers + DeepSpeed ZeRO-2 bf16"
-	@echo "on the CPU, export the handoff checkpoint and evaluate it. Today it builds that model:"
-	$(VENV)/bin/clippy-ray model --config configs/demo.yaml
+	$(VENV)/bin/clippy-ray demo --config configs/demo.yaml $(DEMO_ARGS)
 
 bench: setup
 	$(PY) bench/loss_chunking.py
+	$(PY) bench/step_overhead.py
+	$(PY) bench/ingest.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

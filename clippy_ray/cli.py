@@ -105,6 +105,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from clippy_ray import config
+    from clippy_ray.demo import print_summary, run_demo
+    from clippy_ray.ray_init import init_ray
+
+    cfg = config.load(args.config, args.overrides)
+    init_ray()
+    print_summary(run_demo(cfg, rows=args.rows))
+    return 0
+
+
 def _add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="datasets: make the offline benchmark, inspect, convert")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -155,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-mode", choices=("weights", "full"), default="weights",
                    help="weights only, or the full state (optimizer, schedule, step) of --from")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="benchmark -> train the tiny CLIPpy -> handoff checkpoint (make demo)")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--rows", type=int, default=2000, help="benchmark train rows to generate if missing")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -198,3 +198,34 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_completes
     assert result["r"].metrics["step"] == 10
     states = sorted(p.name for p in (tmp_path / "kill").glob("step_*"))
     assert states[-1] == "step_00000010"
+
+
+def test_from_starts_a_new_run_with_the_weights_or_the_full_state_of_a_checkpoint(ray_local, bench, tmp_path):
+    from safetensors.torch import load_file
+
+    from clippy_ray.train.trainer import fit
+
+    common = ("train.checkpoint_every=2", "train.log_every=1", "train.zero_stage=2", "train.lr=1e-5",
+              "train.warmup_steps=0")
+    source = fit(train_cfg(bench, str(tmp_path), "source", "train.steps=2", "train.wandb.mode=offline", *common))
+    assert list((tmp_path / "source" / "wandb").glob("offline-run-*"))  # W&B offline, rank 0 only
+    ckpt = source.checkpoint.path
+    weights = fit(train_cfg(bench, str(tmp_path), "weights", "train.steps=1", *common), init_from=ckpt,
+                  init_mode="weights")
+    full = fit(train_cfg(bench, str(tmp_path), "full", "train.steps=3", *common), init_from=ckpt, init_mode="full")
+
+    assert weights.metrics["step"] == 1 and full.metrics["step"] == 3  # full state continues at step 2
+    adam_step = {name: int(optimizer_state(res.checkpoint.path)["state"][0]["step"])
+                 for name, res in (("weights", weights), ("full", full))}
+    assert adam_step == {"weights": 1, "full": 3}
+    # weights mode starts from the checkpoint's weights (one tiny step away), not a fresh init
+    a = load_file(f"{ckpt}/model/model.safetensors")
+    b = load_file(f"{weights.checkpoint.path}/model/model.safetensors")
+    from clippy_ray.model import build_model
+    from clippy_ray.tokenizer import build_tokenizer
+
+    cfg = train_cfg(bench, str(tmp_path), "fresh")
+    torch.manual_seed(1)
+    c = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size).state_dict()
+    key = "image.vit.blocks.0.attn.qkv.weight"
+    assert (b[key].float() - a[key].float()).norm() < 0.1 * (c[key].float() - a[key].float()).norm()

@@ -43,7 +43,8 @@ class Progress:
         os.makedirs(root, exist_ok=True)
         run_id = re.sub(r"[^A-Za-z0-9_-]", "-", self.cfg.train.run_name)[:64]
         return wandb.init(project=wcfg.project, group=wcfg.group, name=self.cfg.train.run_name, id=run_id,
-                          resume="allow", mode=wcfg.mode, dir=root, config=config.to_dict(self.cfg))
+                          resume="allow", mode=wcfg.mode, dir=root, config=config.to_dict(self.cfg),
+                          settings=wandb.Settings(console="off"))  # metrics are logged; don't echo stdout
 
     def data_wait(self, seconds: float) -> None:
         self.window_wait += seconds
