@@ -28,6 +28,7 @@ bench: setup
 	$(PY) bench/loss_chunking.py
 	$(PY) bench/step_overhead.py
 	$(PY) bench/ingest.py
+	$(PY) bench/eval_scaling.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -105,6 +105,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from clippy_ray.eval.runner import eval_config, run_eval, summary_line
+    from clippy_ray.ray_init import init_ray
+
+    flags = {"tasks": args.tasks.split(",") if args.tasks else None, "workers": args.workers,
+             "resolution": args.resolution, "max_rows": args.max_rows}
+    cfg = eval_config(args.checkpoint, args.overrides, {k: v for k, v in flags.items() if v is not None})
+    init_ray()
+    report = run_eval(args.checkpoint, args.data, cfg, args.out, args.format, args.classes)
+    print(f"[clippy-ray] {summary_line(report['results'])}")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from clippy_ray.eval.segment import parse_labels, segment_image
+
+    info = segment_image(args.checkpoint, args.image, parse_labels(args.labels), args.out, args.resolution,
+                         args.components, args.templates)
+    w, h = info["picture_size"]
+    print(f"[clippy-ray] wrote {args.out} ({w}x{h}, features at {info['resolution']} px)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from clippy_ray import config
     from clippy_ray.demo import print_summary, run_demo
@@ -166,6 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-mode", choices=("weights", "full"), default="weights",
                    help="weights only, or the full state (optimizer, schedule, step) of --from")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="zero-shot cls / seg, unsupervised grouping, robustness (parallel Ray tasks)")
+    p.add_argument("--checkpoint", required=True, help="handoff checkpoint (a training checkpoint or its model/ folder)")
+    p.add_argument("--data", required=True, help="benchmark root, VOC / ADE20K / Waterbirds folder, or parquet")
+    p.add_argument("--tasks", help="comma-separated: cls,seg,unsup,robust (default: eval.tasks)")
+    p.add_argument("--out", help="where results.json, results.md and pictures go (local or s3://)")
+    p.add_argument("--format", default="auto", help="auto, benchmark, voc, ade20k, waterbirds or parquet")
+    p.add_argument("--classes", help="class names file (shipped: voc21, ade150, coco133) for plain parquet")
+    p.add_argument("--workers", type=int, help="parallel Ray workers (default: eval.workers)")
+    p.add_argument("--resolution", type=int, help="segmentation short side in px (default: 2 x train size)")
+    p.add_argument("--max-rows", type=int, help="evaluate only the first N rows of each split")
+    p.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.background=threshold")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("segment", help="one picture: image | zero-shot label map | unsupervised groups")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True, help="image path or s3:// URI")
+    p.add_argument("--labels", required=True, help='comma-separated labels, "|" for synonyms: "cat,dog|puppy,grass"')
+    p.add_argument("--out", required=True, help="PNG path or s3:// URI")
+    p.add_argument("--resolution", type=int, help="short side in px (default: 2 x train size)")
+    p.add_argument("--components", type=int, default=8, help="unsupervised groups (PCA components)")
+    p.add_argument("--templates", default="clip", help="prompt templates: clip, simple, benchmark or a file")
+    p.set_defaults(func=cmd_segment)
     p = sub.add_parser("demo", help="benchmark -> train the tiny CLIPpy -> handoff checkpoint (make demo)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value")

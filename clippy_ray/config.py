@@ -217,16 +217,58 @@ class TrainConfig:
         return errors
 
 
+EVAL_TASKS = ("cls", "seg", "unsup", "robust")
+BACKGROUND_MODES = ("auto", "class", "threshold", "none")
+
+
+@dataclass
+class EvalConfig:
+    tasks: tuple[str, ...] = EVAL_TASKS
+    resolution: int | None = None  # seg/unsup short side; None: 2 x model.image.img_size (paper: 448 on 224)
+    batch_size: int = 16
+    workers: int = 2  # Ray actors, each holding the model once
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None  # None: a GPU per worker when the cluster has GPUs
+    rows_per_shard: int = 32  # the unit of parallel work; results never depend on the worker count
+    max_rows: int | None = None  # per split, for quick looks
+    # background in zero-shot segmentation: `class` = the dataset's class 0 has prompts like any
+    # class; `threshold` = background where the best class similarity < bg_threshold (GroupViT's
+    # VOC protocol); `none` = no background class (ADE20K, COCO); `auto` = what the dataset declares
+    background: str = "auto"
+    bg_threshold: float = 0.9  # on the softmax probability of the best class (GroupViT uses 0.9 on VOC)
+    pca_components: int = 8  # unsup: groups = nearest of K principal components
+    templates: str = "auto"  # prompts: auto (the dataset's), a shipped set (clip, simple, benchmark) or a text file, one per line with {}
+    examples: int = 6  # overlay pictures in the report
+
+    def check(self, path: str) -> list[str]:
+        errors = [f"{path}.tasks: {t!r} is not one of {', '.join(EVAL_TASKS)}" for t in self.tasks if t not in EVAL_TASKS]
+        if self.background not in BACKGROUND_MODES:
+            errors.append(f"{path}.background: {self.background!r} is not one of {', '.join(BACKGROUND_MODES)}")
+        positive = {"batch_size": self.batch_size, "workers": self.workers, "rows_per_shard": self.rows_per_shard,
+                    "pca_components": self.pca_components}
+        errors += [f"{path}.{k}: {v} must be >= 1" for k, v in positive.items() if v < 1]
+        if self.resolution is not None and self.resolution < 1:
+            errors.append(f"{path}.resolution: {self.resolution} must be >= 1 (or null for 2 x the train size)")
+        if self.max_rows is not None and self.max_rows < 1:
+            errors.append(f"{path}.max_rows: {self.max_rows} must be >= 1 (or null for all rows)")
+        if self.cpus_per_worker <= 0:
+            errors.append(f"{path}.cpus_per_worker: {self.cpus_per_worker} must be > 0")
+        if self.examples < 0:
+            errors.append(f"{path}.examples: {self.examples} must be >= 0")
+        return errors
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self, path: str = "") -> list[str]:
         return (self.model.check("model") + self.loss.check("loss") + self.data.check("data")
-                + self.train.check("train"))
+                + self.train.check("train") + self.eval.check("eval"))
 
 
 # ---------------------------------------------------------------- building from plain data

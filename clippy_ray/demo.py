@@ -1,5 +1,6 @@
 """The main job end to end on the embedded default: make the offline benchmark, train the tiny
-CLIPpy (2 Ray Train workers, DeepSpeed ZeRO-2 bf16, CPU), export the handoff checkpoint, report."""
+CLIPpy (2 Ray Train workers, DeepSpeed ZeRO-2 bf16, CPU), export the handoff checkpoint, evaluate
+it (zero-shot classification and segmentation, unsupervised grouping, robustness), report."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from clippy_ray import config, storage
 from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
+from clippy_ray.eval.runner import run_eval, summary_line
 from clippy_ray.train.checkpoint import HANDOFF_DIR
 from clippy_ray.train.trainer import fit
 
@@ -23,10 +25,18 @@ def run_demo(cfg: config.Config, rows: int = 2000, eval_rows: int = 256) -> dict
         print(f"[demo] benchmark already in {data_root}", flush=True)
     result = fit(cfg)
     checkpoint = result.checkpoint.path if result.checkpoint else None
-    summary = {"data": data_root, "run": storage.join(cfg.train.storage, cfg.train.run_name),
-               "checkpoint": checkpoint, "handoff": f"{checkpoint}/{HANDOFF_DIR}" if checkpoint else None,
-               "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-               "minutes": (time.perf_counter() - start) / 60}
+    if checkpoint and storage.is_s3(cfg.train.storage):
+        checkpoint = f"s3://{checkpoint}"
+    run = storage.join(cfg.train.storage, cfg.train.run_name)
+    summary = {"data": data_root, "run": run, "checkpoint": checkpoint,
+               "handoff": f"{checkpoint}/{HANDOFF_DIR}" if checkpoint else None,
+               "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
+    if checkpoint:
+        out = storage.join(run, "eval", checkpoint.rstrip("/").rsplit("/", 1)[-1])
+        print(f"[demo] evaluating {summary['handoff']} on {data_root}", flush=True)
+        summary["eval"] = run_eval(summary["handoff"], data_root, cfg.eval, out, log=lambda m: print(f"[demo] {m}", flush=True))
+        summary["eval_out"] = out
+    summary["minutes"] = (time.perf_counter() - start) / 60
     return summary
 
 
@@ -42,4 +52,6 @@ def print_summary(summary: dict) -> None:
               f"val loss {m.get('val_loss', float('nan')):.3f}, val retrieval top-1 image->text "
               f"{m.get('val_i2t_top1', float('nan')):.3f} / text->image {m.get('val_t2i_top1', float('nan')):.3f} "
               f"(chance {1 / max(m.get('val_pairs', 1), 1):.3f})")
-    print("[demo] evaluation (zero-shot segmentation, grouping, robustness) arrives with issue #5")
+    if summary.get("eval"):
+        print(f"[demo] evaluation:          {summary_line(summary['eval']['results'])}")
+        print(f"[demo] report and pictures: {summary['eval_out']}/results.md")

@@ -132,3 +132,15 @@ def upload(local: str | os.PathLike, uri: str) -> None:
         pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     except OSError as err:
         raise _describe(uri, err) from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one file at `uri` (local or s3), creating local parent folders."""
+    fs, path = resolve(uri)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(os.path.dirname(os.path.abspath(path)), recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as err:
+        raise _describe(uri, err) from None

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (numpy), tasks (torch), datasets, the Ray runner and pictures."""
