@@ -168,10 +168,12 @@ def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, stage,
 
 
 def _train_workers() -> list[psutil.Process]:
+    """The Ray Train workers of this test session's Ray (descendants of this process, so another
+    Ray on the same machine is never touched)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.Process().children(recursive=True):
         try:
-            if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
