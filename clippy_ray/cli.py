@@ -128,6 +128,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from clippy_ray.ray_init import init_ray
+    from clippy_ray.tune.sweep import load_sweep, markdown_table, run_sweep
+
+    sweep, trials = load_sweep(args.config, args.overrides)
+    init_ray()
+    rows = run_sweep(sweep, trials)
+    print(markdown_table(sweep, rows), end="")
+    print(f"[clippy-ray] results: {sweep.storage}/{sweep.name}/results.md (+ results.json, results.png)")
+    failed = [r["label"] for r in rows if r["status"].startswith("error") or r["status"] == "not run"]
+    if failed:
+        print(f"[clippy-ray] {len(failed)} trial(s) failed: {', '.join(failed)} (run the command again to retry them)",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from clippy_ray import config
     from clippy_ray.demo import print_summary, run_demo
@@ -210,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", type=int, default=8, help="unsupervised groups (PCA components)")
     p.add_argument("--templates", default="clip", help="prompt templates: clip, simple, benchmark or a file")
     p.set_defaults(func=cmd_segment)
+    p = sub.add_parser("tune", help="the ablation sweep: Ray Tune over aggregation x init x token sub-sampling")
+    p.add_argument("--config", required=True, help="sweep YAML (configs/ablation_demo.yaml, configs/ablation.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="sweep keys, e.g. max_concurrent_trials=2")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("demo", help="benchmark -> train the tiny CLIPpy -> handoff checkpoint (make demo)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value")

@@ -271,6 +271,77 @@ class Config:
                 + self.train.check("train") + self.eval.check("eval"))
 
 
+SWEEP_AXES = {"aggregation": AGGREGATIONS, "image_init": ("ssl", "supervised", "random"),
+              "text_init": ("sentence", "random"), "token_subsampling": ("off", "a ratio in (0, 1]")}
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "asha"  # asha: stop trials whose metric trails the others at each rung; fifo: run all
+    metric: str = "val_loss"
+    mode: str = "min"
+    grace_period: int = 100  # steps before a trial can be stopped
+    reduction_factor: float = 2.0
+
+    def check(self, path: str) -> list[str]:
+        errors = []
+        if self.name not in SCHEDULERS:
+            errors.append(f"{path}.name: {self.name!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.mode not in ("min", "max"):
+            errors.append(f"{path}.mode: {self.mode!r} is not min or max")
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            errors.append(f"{path}: grace_period must be >= 1 and reduction_factor > 1")
+        return errors
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune ablation: every trial is `base` + `overrides` + one point of the `axes` grid."""
+    name: str = "ablation"  # running again with the same name and storage resumes the sweep
+    base: str | None = None  # the training config YAML every trial starts from
+    overrides: tuple[str, ...] = ()  # key=value applied to every trial, e.g. train.steps=300
+    storage: str = "./runs/sweeps"  # local folder or s3://bucket/prefix
+    axes: dict = field(default_factory=dict)  # axis -> values; axes: aggregation, image_init, text_init, token_subsampling
+    image_inits: dict = field(default_factory=dict)  # ssl / supervised -> checkpoint URI (DINO, supervised ViT)
+    text_inits: dict = field(default_factory=dict)  # sentence -> HF folder URI (Sentence-T5, with its tokenizer)
+    eval_data: str | None = None  # evaluation data (benchmark root, VOC, ...); none: no evaluation
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_concurrent_trials: int = 1
+    trial_cpus: float = 0.1  # the trial's own process; its training workers ask for their own resources
+
+    def check(self, path: str = "") -> list[str]:
+        p = f"{path}." if path else ""  # a sweep file's keys are its top level
+        errors = self.scheduler.check(f"{p}scheduler")
+        if not self.axes:
+            errors.append(f"{p}axes: empty; give at least one of {', '.join(SWEEP_AXES)}")
+        for axis, values in self.axes.items():
+            if axis not in SWEEP_AXES:
+                errors.append(f"{p}axes.{axis}: unknown axis (valid axes: {', '.join(SWEEP_AXES)})")
+                continue
+            if not isinstance(values, list) or not values:
+                errors.append(f"{p}axes.{axis}: expected a non-empty list of values, got {values!r}")
+                continue
+            for v in values:
+                if axis == "token_subsampling":
+                    ok = v == "off" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1)
+                else:
+                    ok = v in SWEEP_AXES[axis]
+                if not ok:
+                    errors.append(f"{p}axes.{axis}: {v!r} is not one of {', '.join(SWEEP_AXES[axis])}")
+            inits = {"image_init": ("image_inits", self.image_inits), "text_init": ("text_inits", self.text_inits)}
+            if axis in inits:
+                key, given = inits[axis]
+                for v in values:
+                    if v != "random" and v in SWEEP_AXES[axis] and not given.get(v):
+                        errors.append(f"{p}{key}.{v}: not set; give the checkpoint URI that {axis}={v} starts from")
+        if self.max_concurrent_trials < 1:
+            errors.append(f"{p}max_concurrent_trials: {self.max_concurrent_trials} must be >= 1")
+        if self.trial_cpus <= 0:
+            errors.append(f"{p}trial_cpus: {self.trial_cpus} must be > 0 (Ray rejects 0)")
+        return errors
+
+
 # ---------------------------------------------------------------- building from plain data
 
 def _type_name(tp: Any) -> str:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import ray
 from ray.util import ActorPool
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from clippy_ray import storage
 from clippy_ray.config import EvalConfig
@@ -206,7 +207,10 @@ def run_eval(checkpoint: str, data_uri: str, cfg: EvalConfig, out: str | None = 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     workers = max(1, min(cfg.workers, len(jobs)))
     threads = max(1, int(cfg.cpus_per_worker))
-    actor_cls = EvalWorker.options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0)
+    # placement_group=None: inside a Tune trial the workers must not be squeezed into the trial's
+    # own placement group (it holds only the trial process's CPU).
+    actor_cls = EvalWorker.options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0,
+                                   scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     actors = [actor_cls.remote(checkpoint, data, cfg, threads) for _ in range(workers)]
     log(f"eval: {len(jobs)} shards of {data.fmt} data ({', '.join(tasks)}) on {workers} worker(s)"
         f"{' with GPUs' if use_gpu else ''}")

@@ -17,6 +17,20 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def open_wandb(cfg: config.Config):
+    """The W&B run of `cfg.train.run_name` (resumed if it exists), offline unless configured."""
+    import wandb
+
+    wcfg = cfg.train.wandb
+    root = (storage.join(cfg.train.storage, cfg.train.run_name)
+            if not storage.is_s3(cfg.train.storage) else str(storage.cache_dir() / "wandb"))
+    os.makedirs(root, exist_ok=True)
+    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", cfg.train.run_name)[:64]
+    return wandb.init(project=wcfg.project, group=wcfg.group, name=cfg.train.run_name, id=run_id,
+                      resume="allow", mode=wcfg.mode, dir=root, config=config.to_dict(cfg),
+                      settings=wandb.Settings(console="off"))  # metrics are logged; don't echo stdout
+
+
 class Progress:
     def __init__(self, cfg: config.Config, enabled: bool, start_step: int = 0):
         self.cfg = cfg
@@ -27,24 +41,12 @@ class Progress:
         self.window_start = self.started
         self.window_images = 0
         self.window_wait = 0.0
-        self.wandb = self._init_wandb() if enabled and cfg.train.wandb.mode != "disabled" else None
+        self.wandb = open_wandb(cfg) if enabled and cfg.train.wandb.mode != "disabled" else None
         if enabled:
             resumed = f", resuming at step {start_step}" if start_step else ""
             print(f"[clippy-ray] run {cfg.train.run_name}: {self.total} steps, global batch "
                   f"{cfg.train.global_batch_size}, {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage} "
                   f"{cfg.train.precision}{resumed}", flush=True)
-
-    def _init_wandb(self):
-        import wandb
-
-        wcfg = self.cfg.train.wandb
-        root = (storage.join(self.cfg.train.storage, self.cfg.train.run_name)
-                if not storage.is_s3(self.cfg.train.storage) else str(storage.cache_dir() / "wandb"))
-        os.makedirs(root, exist_ok=True)
-        run_id = re.sub(r"[^A-Za-z0-9_-]", "-", self.cfg.train.run_name)[:64]
-        return wandb.init(project=wcfg.project, group=wcfg.group, name=self.cfg.train.run_name, id=run_id,
-                          resume="allow", mode=wcfg.mode, dir=root, config=config.to_dict(self.cfg),
-                          settings=wandb.Settings(console="off"))  # metrics are logged; don't echo stdout
 
     def data_wait(self, seconds: float) -> None:
         self.window_wait += seconds

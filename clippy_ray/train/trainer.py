@@ -17,8 +17,9 @@ def run_storage(uri: str) -> tuple[str, object | None]:
     return os.path.abspath(uri), None
 
 
-def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights"):
-    """Train (or resume) the run `cfg.train.run_name`; returns Ray's Result."""
+def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights", callbacks: list | None = None):
+    """Train (or resume) the run `cfg.train.run_name`; returns Ray's Result. `callbacks`: Ray Train
+    callbacks (a sweep passes Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -48,7 +49,8 @@ def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weig
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             callbacks=callbacks or []),
     )
     return trainer.fit()
 
