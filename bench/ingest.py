@@ -62,10 +62,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shuffle-buffer", type=int, default=256)
     parser.add_argument("--decode-cpus", type=float, default=1.0)
+    parser.add_argument("--read-cpus", type=float, default=DataConfig.read_cpus)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     init_ray(quiet=True)
-    data = DataConfig(decode_batch_size=64, shuffle_buffer=args.shuffle_buffer, decode_cpus=args.decode_cpus)
+    data = DataConfig(decode_batch_size=64, shuffle_buffer=args.shuffle_buffer, decode_cpus=args.decode_cpus,
+                      read_cpus=args.read_cpus)
     text = TextConfig(tokenizer="byte", max_length=64)
     with tempfile.TemporaryDirectory() as tmp:
         make_benchmark(tmp, args.rows, 0, BenchmarkSpec(image_size=args.source_size, image_format=args.format),
@@ -75,7 +77,8 @@ def main() -> None:
         bare = bare_loop(path, data, text, args.size)
         first, steady, whole = pipeline(path, data, text, args.size, args.batch_size)
     print(f"{args.rows} rows, {args.source_size}px {args.format} -> {args.size}px train transform, "
-          f"{cores} cores, shuffle buffer {data.shuffle_buffer}, blocks {data.block_mib} MiB")
+          f"{cores} cores, shuffle buffer {data.shuffle_buffer}, blocks {data.block_mib} MiB, "
+          f"read tasks {data.read_cpus} CPU, decode tasks {data.decode_cpus} CPU")
     print(f"bare single-process loop:      {bare:8.1f} rows/s   (x {cores} cores = {bare * cores:.1f})")
     print(f"Ray Data pipeline, steady:     {steady:8.1f} rows/s   (25%-90% of the epoch; first batch at {first:.2f} s)")
     print(f"Ray Data pipeline, whole epoch:{whole:8.1f} rows/s")

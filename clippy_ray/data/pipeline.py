@@ -41,7 +41,7 @@ def read_parquet(uri: str, columns: list[str], cfg: DataConfig, first_epoch: int
     Fails at once, naming the URI and the columns found, if the image or caption column is wrong."""
     fs, path = storage.resolve(uri)
     try:
-        ds = ray.data.read_parquet(path, filesystem=fs,
+        ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=cfg.read_cpus,
                                    shuffle=EpochFileShuffle(seed=cfg.seed, first_epoch=first_epoch))
         schema = ds.schema()  # parquet footers only; nothing is decoded yet
     except OSError as err:
