@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 
+import psutil
 import pyarrow.parquet as pq
 
 from clippy_ray.config import DataConfig, TextConfig
@@ -36,21 +37,58 @@ def bare_loop(path: str, data: DataConfig, text: TextConfig, size: int) -> float
     return rows / (time.perf_counter() - start)
 
 
-def pipeline(path: str, data: DataConfig, text: TextConfig, size: int, batch_size: int) -> tuple[float, float, float]:
-    """-> (seconds to the first batch, steady rows/s, rows/s over the whole epoch). Steady is the
-    rate between 25% and 90% of the epoch: start-up and the work done ahead while the first batch
-    was awaited are both outside that window."""
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (process title, user + system CPU seconds) of every process on the machine."""
+    out = {}
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        try:
+            times = proc.cpu_times()
+            title = " ".join(proc.info["cmdline"] or [proc.info["name"] or "?"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out[proc.pid] = (title, times.user + times.system)
+    return out
+
+
+def cpu_shares(before: dict, after: dict, seconds: float, cores: int) -> dict[str, float]:
+    """Share of the machine's CPU time each role used between two `cpu_seconds` snapshots."""
+    roles: dict[str, float] = {}
+    for pid, (title, t) in after.items():
+        used = t - before.get(pid, (title, 0.0))[1]
+        if pid == os.getpid():
+            role = "this process (consumer)"
+        elif title.startswith("ray::") and not any(a in title for a in ("Actor", "Coordinator")):
+            role = "decode/read tasks"  # task workers; their title changes with the task they run (or IDLE)
+        elif title.startswith("ray::") or "ray/" in title or "raylet" in title or "gcs_server" in title:
+            role = "Ray's own processes"
+        else:
+            role = "everything else"
+        roles[role] = roles.get(role, 0.0) + used / (seconds * cores)
+    return roles
+
+
+def pipeline(path: str, data: DataConfig, text: TextConfig, size: int, batch_size: int,
+             total_rows: int = 0) -> tuple[float, float, float, dict]:
+    """-> (seconds to the first batch, steady rows/s, rows/s over the whole epoch, CPU shares in the
+    steady window). Steady is the rate between 25% and 90% of the epoch: start-up and the work done
+    ahead while the first batch was awaited are both outside that window. With `total_rows`, the
+    CPU time of every process is sampled at both ends of the window."""
     ds = build_dataset(path, data, text, size, train=True)
     stream = BatchStream(ds, batch_size, shuffle_buffer=data.shuffle_buffer)
     start = time.perf_counter()
     marks = []  # (time, rows delivered)
+    snaps = []  # (time, cpu_seconds()) at 25% and 90% of total_rows
     for _ in stream.epoch(0):
         marks.append((time.perf_counter(), len(marks) * batch_size + batch_size))
+        if total_rows and len(snaps) < 2 and marks[-1][1] >= (0.25, 0.90)[len(snaps)] * total_rows:
+            snaps.append((time.perf_counter(), cpu_seconds()))
     end = time.perf_counter()
     total = marks[-1][1]
     t0, r0 = next(m for m in marks if m[1] >= 0.25 * total)
     t1, r1 = next(m for m in marks if m[1] >= 0.90 * total)
-    return marks[0][0] - start, (r1 - r0) / (t1 - t0), stream.rows_seen / (end - start)
+    shares = (cpu_shares(snaps[0][1], snaps[1][1], snaps[1][0] - snaps[0][0], os.cpu_count() or 1)
+              if len(snaps) == 2 else {})
+    return marks[0][0] - start, (r1 - r0) / (t1 - t0), stream.rows_seen / (end - start), shares
 
 
 def main() -> None:
@@ -75,7 +113,7 @@ def main() -> None:
         path = os.path.join(tmp, "train")
         pipeline(path, data, text, args.size, args.batch_size)  # warm-up: worker processes, imports
         bare = bare_loop(path, data, text, args.size)
-        first, steady, whole = pipeline(path, data, text, args.size, args.batch_size)
+        first, steady, whole, shares = pipeline(path, data, text, args.size, args.batch_size, total_rows=args.rows)
     print(f"{args.rows} rows, {args.source_size}px {args.format} -> {args.size}px train transform, "
           f"{cores} cores, shuffle buffer {data.shuffle_buffer}, blocks {data.block_mib} MiB, "
           f"read tasks {data.read_cpus} CPU, decode tasks {data.decode_cpus} CPU")
@@ -84,6 +122,12 @@ def main() -> None:
     print(f"Ray Data pipeline, whole epoch:{whole:8.1f} rows/s")
     print(f"ratio steady / (bare x cores): {steady / (bare * cores):.2f}   (goal >= 0.90)")
     print(f"ratio steady / bare:           {steady / bare:.2f}")
+    print("CPU of the machine in the steady window: " + ", ".join(
+        f"{role} {share:.0%}" for role, share in sorted(shares.items(), key=lambda kv: -kv[1])))
+    decode = shares.get("decode/read tasks", 0.0)
+    if decode:
+        per_core = steady / (decode * cores)
+        print(f"decode/read tasks: {per_core:.0f} rows/s per busy core = {per_core / bare:.2f}x the bare loop's")
     print("reproduce: python bench/ingest.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
 
 
