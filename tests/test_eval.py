@@ -344,3 +344,22 @@ def test_segment_writes_a_picture_of_the_expected_size_for_a_real_photo(tiny_han
     legend_w, gap = 140, 4
     assert picture.size == (3 * w + legend_w + 3 * gap, h + TITLE_H)
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_shard_reads_exactly_its_rows_across_row_group_boundaries(tmp_path, bucket):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clippy_ray import storage
+    from clippy_ray.eval.datasets import _read_rows
+
+    table = pa.table({"key": [f"r{i}" for i in range(23)], "x": list(range(23))})
+    local = tmp_path / "t.parquet"
+    pq.write_table(table, local, row_group_size=5)  # groups [0,5) [5,10) [10,15) [15,20) [20,23)
+    storage.write_bytes(f"s3://{bucket}/eval/t.parquet", local.read_bytes())
+    for uri in (str(local), f"s3://{bucket}/eval/t.parquet"):
+        cache = {}
+        for start, stop in ((0, 5), (3, 12), (9, 10), (14, 23), (0, 23), (6, 8)):
+            for c in (None, cache):
+                assert _read_rows(uri, start, stop, c).column("x").to_pylist() == list(range(start, stop)), (uri, start, stop)
+        assert list(cache) == [(uri, (1,))]  # only the last row groups read are kept

@@ -286,11 +286,33 @@ def _labels_from_mask(mask: np.ndarray, has_background: bool) -> list[int]:
     return [int(i) for i in ids if not (has_background and i == 0)]
 
 
-def load_shard(shard: Shard, has_background: bool = True) -> list[Sample]:
-    """Decode the rows of a shard."""
+def _read_rows(uri: str, start: int, stop: int, cache: dict | None = None):
+    """Rows [start, stop) of a parquet file, reading only the row groups that hold them. `cache`
+    (a worker's own dict) keeps the last row groups read: a worker's next shard mostly falls in
+    them, and a file written with one row group is then read once per worker, not once per shard."""
+    fs, path = storage.resolve(uri)
+    meta = pq.ParquetFile(path, filesystem=fs).metadata  # the footer only
+    groups, offset, first = [], 0, None
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    key = (uri, tuple(groups))
+    table = cache.get(key) if cache is not None else None
+    if table is None:
+        table = pq.ParquetFile(path, filesystem=fs).read_row_groups(groups)
+        if cache is not None:
+            cache.clear()
+            cache[key] = table
+    return table.slice(start - (first or 0), stop - start)
+
+
+def load_shard(shard: Shard, has_background: bool = True, cache: dict | None = None) -> list[Sample]:
+    """Decode the rows of a shard (`cache`: see `_read_rows`)."""
     if shard.fmt in ("benchmark", "parquet"):
-        fs, path = storage.resolve(shard.uri)
-        table = pq.read_table(path, filesystem=fs).slice(shard.start, shard.stop - shard.start)
+        table = _read_rows(shard.uri, shard.start, shard.stop, cache)
         cols = table.to_pydict()
         out = []
         for i in range(table.num_rows):

@@ -72,16 +72,17 @@ class EvalWorker:
         torch.set_num_threads(threads)
         self.data = data
         self.evaluator = build_evaluator(checkpoint, data, cfg)
+        self.rows_cache: dict = {}  # the last parquet row groups read (this worker's, this run's)
 
     def resolution(self) -> int:
         return self.evaluator.resolution
 
     def run(self, index: int, job: tuple[str, Shard]) -> tuple[int, dict]:
         task, shard = job
-        return index, self.evaluator.run(task, load_shard(shard, self.data.has_background))
+        return index, self.evaluator.run(task, load_shard(shard, self.data.has_background, self.rows_cache))
 
     def pictures(self, task: str, shard: Shard, rows: int) -> list[dict]:
-        samples = load_shard(shard, self.data.has_background)[:rows]
+        samples = load_shard(shard, self.data.has_background, self.rows_cache)[:rows]
         return self.evaluator.pictures(task, samples)
 
 
