@@ -87,17 +87,16 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from clippy_ray import config, storage
+    from clippy_ray import config
     from clippy_ray.ray_init import init_ray
     from clippy_ray.train.checkpoint import HANDOFF_DIR
-    from clippy_ray.train.trainer import fit
+    from clippy_ray.train.trainer import checkpoint_uri, fit
 
     cfg = config.load(args.config, args.overrides)
     init_ray()
     result = fit(cfg, init_from=args.init_from, init_mode=args.from_mode)
-    if result.checkpoint is not None:
-        path = result.checkpoint.path
-        uri = f"s3://{path}" if storage.is_s3(cfg.train.storage) else path
+    uri = checkpoint_uri(cfg, result)
+    if uri is not None:
         print(f"[clippy-ray] final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in (result.metrics or {}).items()
                                                           if isinstance(v, (int, float))))
         print(f"[clippy-ray] checkpoint: {uri}")
@@ -129,6 +128,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from clippy_ray import storage
     from clippy_ray.ray_init import init_ray
     from clippy_ray.tune.sweep import load_sweep, markdown_table, run_sweep
 
@@ -136,7 +136,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     init_ray()
     rows = run_sweep(sweep, trials)
     print(markdown_table(sweep, rows), end="")
-    print(f"[clippy-ray] results: {sweep.storage}/{sweep.name}/results.md (+ results.json, results.png)")
+    print(f"[clippy-ray] results: {storage.join(sweep.storage, sweep.name, 'results.md')} (+ results.json, results.png)")
     failed = [r["label"] for r in rows if r["status"].startswith("error") or r["status"] == "not run"]
     if failed:
         print(f"[clippy-ray] {len(failed)} trial(s) failed: {', '.join(failed)} (run the command again to retry them)",

@@ -11,7 +11,7 @@ from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
 from clippy_ray.eval.runner import run_eval, summary_line
 from clippy_ray.train.checkpoint import HANDOFF_DIR
-from clippy_ray.train.trainer import fit
+from clippy_ray.train.trainer import checkpoint_uri, fit
 
 
 def run_demo(cfg: config.Config, rows: int = 2000, eval_rows: int = 256) -> dict:
@@ -24,9 +24,7 @@ def run_demo(cfg: config.Config, rows: int = 2000, eval_rows: int = 256) -> dict
     else:
         print(f"[demo] benchmark already in {data_root}", flush=True)
     result = fit(cfg)
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    if checkpoint and storage.is_s3(cfg.train.storage):
-        checkpoint = f"s3://{checkpoint}"
+    checkpoint = checkpoint_uri(cfg, result)
     run = storage.join(cfg.train.storage, cfg.train.run_name)
     summary = {"data": data_root, "run": run, "checkpoint": checkpoint,
                "handoff": f"{checkpoint}/{HANDOFF_DIR}" if checkpoint else None,

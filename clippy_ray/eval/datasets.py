@@ -291,7 +291,8 @@ def _read_rows(uri: str, start: int, stop: int, cache: dict | None = None):
     (a worker's own dict) keeps the last row groups read: a worker's next shard mostly falls in
     them, and a file written with one row group is then read once per worker, not once per shard."""
     fs, path = storage.resolve(uri)
-    meta = pq.ParquetFile(path, filesystem=fs).metadata  # the footer only
+    parquet = pq.ParquetFile(path, filesystem=fs)  # reads the footer only
+    meta = parquet.metadata
     groups, offset, first = [], 0, None
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
@@ -302,7 +303,7 @@ def _read_rows(uri: str, start: int, stop: int, cache: dict | None = None):
     key = (uri, tuple(groups))
     table = cache.get(key) if cache is not None else None
     if table is None:
-        table = pq.ParquetFile(path, filesystem=fs).read_row_groups(groups)
+        table = parquet.read_row_groups(groups)
         if cache is not None:
             cache.clear()
             cache[key] = table

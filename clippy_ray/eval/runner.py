@@ -251,15 +251,24 @@ def run_eval(checkpoint: str, data_uri: str, cfg: EvalConfig, out: str | None = 
     return report
 
 
-def summary_line(results: dict) -> str:
-    parts = []
+def headline(results: dict) -> dict[str, float]:
+    """The report's headline numbers, flat (what sweeps report to Tune and W&B)."""
+    out = {}
     if "cls" in results:
-        parts.append(f"cls top-1 {results['cls']['top1']:.1f}%")
+        out.update(cls_top1=results["cls"]["top1"], cls_top5=results["cls"]["top5"])
     if "seg" in results:
-        parts.append(f"seg mIoU {results['seg']['miou']:.1f}%")
+        out["seg_miou"] = results["seg"]["miou"]
     if "unsup" in results:
-        parts.append(f"unsup Jaccard {results['unsup']['jaccard']:.1f}%")
+        out["unsup_jaccard"] = results["unsup"]["jaccard"]
     if "robust" in results:
-        parts.append(f"robust gap {results['robust']['gap']:.1f} pts")
-    return ", ".join(parts)
+        out.update(robust_gap=results["robust"]["gap"], robust_matched=results["robust"]["matched"],
+                   robust_swapped=results["robust"]["swapped"])
+    return out
+
+
+def summary_line(results: dict) -> str:
+    h = headline(results)
+    formats = (("cls_top1", "cls top-1 {:.1f}%"), ("seg_miou", "seg mIoU {:.1f}%"),
+               ("unsup_jaccard", "unsup Jaccard {:.1f}%"), ("robust_gap", "robust gap {:.1f} pts"))
+    return ", ".join(fmt.format(h[key]) for key, fmt in formats if key in h)
 

@@ -17,6 +17,14 @@ def run_storage(uri: str) -> tuple[str, object | None]:
     return os.path.abspath(uri), None
 
 
+def checkpoint_uri(cfg: config.Config, result) -> str | None:
+    """The URI of a Result's checkpoint: with an S3 filesystem Ray reports bucket/prefix only."""
+    if result.checkpoint is None:
+        return None
+    path = result.checkpoint.path
+    return f"s3://{path}" if storage.is_s3(cfg.train.storage) else path
+
+
 def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights", callbacks: list | None = None):
     """Train (or resume) the run `cfg.train.run_name`; returns Ray's Result. `callbacks`: Ray Train
     callbacks (a sweep passes Tune's report callback)."""

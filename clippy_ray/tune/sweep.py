@@ -32,7 +32,7 @@ def settings(sweep: SweepConfig) -> list[dict]:
 
 
 def label(setting: dict) -> str:
-    """A short, path-safe trial name: aggregation=max, token_subsampling=0.5 -> max-sub0.5."""
+    """A short, path-safe trial name: aggregation=max, token_subsampling=0.5 -> max_sub0.5."""
     parts = []
     for axis, value in setting.items():
         if axis == "aggregation":
@@ -67,7 +67,7 @@ def trial_overrides(sweep: SweepConfig, setting: dict) -> list[str]:
 
 def _absolute(uri: str | None) -> str | None:
     """Local paths made absolute: Tune runs each trial in its own working directory."""
-    if not uri or storage.is_s3(uri) or uri == "byte":
+    if not uri or "://" in uri or uri == "byte":
         return uri
     return os.path.abspath(uri)
 
@@ -108,31 +108,16 @@ def load_sweep(path: str | None, overrides: list[str] | None = None) -> tuple[Sw
 
 # ------------------------------------------------------------------------------- one trial
 
-def flatten(results: dict) -> dict[str, float]:
-    out = {}
-    if "cls" in results:
-        out.update(cls_top1=results["cls"]["top1"], cls_top5=results["cls"]["top5"])
-    if "seg" in results:
-        out["seg_miou"] = results["seg"]["miou"]
-    if "unsup" in results:
-        out["unsup_jaccard"] = results["unsup"]["jaccard"]
-    if "robust" in results:
-        out.update(robust_gap=results["robust"]["gap"], robust_matched=results["robust"]["matched"],
-                   robust_swapped=results["robust"]["swapped"])
-    return out
-
-
 def run_trial(params: dict, sweep: dict, trials: dict) -> None:
     """The Tune function: train (or resume) the trial's run, evaluate its final checkpoint, report."""
     from ray import tune
+    from ray.data import DataContext
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from clippy_ray.eval.runner import run_eval
+    from clippy_ray.eval.runner import headline, run_eval
     from clippy_ray.train.checkpoint import HANDOFF_DIR
     from clippy_ray.train.progress import open_wandb
-    from clippy_ray.train.trainer import fit
-
-    from ray.data import DataContext
+    from clippy_ray.train.trainer import checkpoint_uri, fit
 
     DataContext.get_current().enable_progress_bars = False  # Tune's trial table is the progress here
     sw = config.from_dict(sweep, SweepConfig)
@@ -141,16 +126,16 @@ def run_trial(params: dict, sweep: dict, trials: dict) -> None:
     result = fit(cfg, callbacks=[TuneReportCallback()])
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     final["finished"] = 1
-    if sw.eval_data and result.checkpoint is not None:
-        ckpt = result.checkpoint.path
-        ckpt = f"s3://{ckpt}" if storage.is_s3(cfg.train.storage) else ckpt
+    ckpt = checkpoint_uri(cfg, result)
+    if sw.eval_data and ckpt is not None:
         out = storage.join(sw.storage, sw.name, "eval", label(setting))
         report = run_eval(f"{ckpt}/{HANDOFF_DIR}", sw.eval_data, cfg.eval, out,
                           log=lambda m: print(f"[{label(setting)}] {m}", flush=True))
-        final.update(flatten(report["results"]))
+        numbers = headline(report["results"])
+        final.update(numbers)
         if cfg.train.wandb.mode != "disabled":
             run = open_wandb(cfg)
-            run.summary.update({f"eval/{k}": v for k, v in flatten(report["results"]).items()})
+            run.summary.update({f"eval/{k}": v for k, v in numbers.items()})
             run.finish()
     tune.report(final)
 
