@@ -1,4 +1,5 @@
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -105,6 +106,16 @@ def test_file_order_is_seeded_per_epoch_and_replayed_by_a_resumed_run(ray_local,
         assert order(resumed) == epochs[2]
     finally:
         ray_local.data.DataContext.get_current().execution_options.preserve_order = False
+
+
+def test_footer_readers_reach_rays_parquet_footer_indexer_and_the_environment_is_restored(ray_local, tmp_path):
+    pq.write_table(pa.table({"image": [png()], "caption": ["a"]}), tmp_path / "a.parquet")
+    ds = read_parquet(str(tmp_path), ["image", "caption"], DataConfig(footer_readers=3))
+    op = ds._logical_plan.dag
+    while op.input_dependencies:
+        op = op.input_dependencies[0]
+    assert type(op).__name__ == "ListFiles" and op.file_indexer._num_actors == 3
+    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
 
 
 def test_inspect_reports_rows_columns_captions_and_decodable_images(tmp_path):

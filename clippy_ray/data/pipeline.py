@@ -9,6 +9,7 @@ silently and every batch still has exactly `batch_size` rows (the gathered loss 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -23,6 +24,9 @@ from clippy_ray import storage
 from clippy_ray.config import DataConfig, TextConfig
 from clippy_ray.data.schema import check_columns, image_bytes
 from clippy_ray.data.transforms import load_image
+
+FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
 
 @dataclass
 class EpochFileShuffle(FileShuffleConfig):
@@ -40,12 +44,21 @@ def read_parquet(uri: str, columns: list[str], cfg: DataConfig, first_epoch: int
     """Parquet file or folder at `uri`, only `columns`, file order shuffled per epoch.
     Fails at once, naming the URI and the columns found, if the image or caption column is wrong."""
     fs, path = storage.resolve(uri)
+    # Ray reads this when read_parquet builds its footer indexer (here, in this process); the
+    # indexer then starts that many actors at the start of every epoch.
+    previous = os.environ.get(FOOTER_READERS_ENV)
+    os.environ[FOOTER_READERS_ENV] = str(cfg.footer_readers)
     try:
         ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=cfg.read_cpus,
                                    shuffle=EpochFileShuffle(seed=cfg.seed, first_epoch=first_epoch))
         schema = ds.schema()  # parquet footers only; nothing is decoded yet
     except OSError as err:
         raise storage.StorageError(f"{uri}: {str(err).strip().splitlines()[0]}") from None
+    finally:
+        if previous is None:
+            os.environ.pop(FOOTER_READERS_ENV, None)
+        else:
+            os.environ[FOOTER_READERS_ENV] = previous
     check_columns(schema.base_schema, uri, cfg.image_column, cfg.caption_column)
     return ds.select_columns(columns)  # pushed down into the parquet read
 
