@@ -118,6 +118,47 @@ def test_footer_readers_reach_rays_parquet_footer_indexer_and_the_environment_is
     assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
 
 
+def numbered_blocks(ray, rows: int, block_rows: int):
+    """A real Ray Dataset shaped like the decoded stream: `id`, an `image` whose pixels are the id,
+    and `valid` = 0 on every 7th row; blocks of `block_rows`, delivered in order."""
+    def decoded(batch):
+        ids = batch["id"]
+        return {"id": ids, "image": np.broadcast_to(ids[:, None, None] % 251, (len(ids), 2, 2)).astype(np.uint8),
+                "valid": (ids % 7 != 3).astype(np.uint8)}
+    return ray.data.range(rows, override_num_blocks=rows // block_rows).map_batches(decoded, batch_size=None)
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 16])
+def test_batch_stream_yields_each_valid_row_once_and_shuffles_within_its_buffer(ray_local, shuffle_buffer):
+    ray_local.data.DataContext.get_current().execution_options.preserve_order = True
+    try:
+        ds = numbered_blocks(ray_local, rows=200, block_rows=10)
+        valid = [i for i in range(200) if i % 7 != 3]
+        stream = BatchStream(ds, batch_size=4, shuffle_buffer=shuffle_buffer, seed=1)
+        stream.COMPACT_AT = 2  # compacts a few times here (the default 4 would not on 200 rows)
+        fill = shuffle_buffer + 4
+        epoch0 = []
+        for batch in stream.epoch(0):
+            assert batch["id"].shape == (4,) and batch["image"].shape == (4, 2, 2)
+            assert torch.equal(batch["image"][:, 0, 0], (batch["id"] % 251).to(torch.uint8))  # rows stay whole
+            assert stream._pinned <= 2 * fill + 10  # pinned blocks bounded (+ the block just added)
+            epoch0.append(batch["id"].tolist())
+        ids = [i for b in epoch0 for i in b]
+        assert stream.counters() == {"rows_seen": 200, "rows_skipped": 200 - len(valid),
+                                     "rows_dropped": len(valid) % 4}
+        assert len(set(ids)) == len(ids) and set(ids) <= set(valid) and len(ids) == len(valid) // 4 * 4
+        if not shuffle_buffer:
+            assert ids == valid[:len(ids)]
+            return
+        assert ids != sorted(ids)
+        assert max(epoch0[0]) < valid[fill + 10]  # first batch drawn from the first buffer-full (+ one block)
+        again = [b["id"].tolist() for b in BatchStream(ds, 4, shuffle_buffer, seed=1).epoch(0)]
+        assert again == epoch0  # same seed, epoch and block order -> same batches; compacting changes nothing
+        assert [b["id"].tolist() for b in BatchStream(ds, 4, shuffle_buffer, seed=1).epoch(1)] != epoch0
+    finally:
+        ray_local.data.DataContext.get_current().execution_options.preserve_order = False
+
+
 def test_inspect_reports_rows_columns_captions_and_decodable_images(tmp_path):
     images = [png(), b"garbage", png()]
     pq.write_table(pa.table({"image": images, "caption": ["a", "b", "c"]}), tmp_path / "i.parquet")

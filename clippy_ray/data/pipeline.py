@@ -9,8 +9,8 @@ silently and every batch still has exactly `batch_size` rows (the gathered loss 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
-import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,17 +115,23 @@ def build_dataset(uri: str, data_cfg: DataConfig, text_cfg: TextConfig, image_si
                           batch_format="numpy", num_cpus=data_cfg.decode_cpus)
 
 
-def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Zero-copy tensors. They can be read-only views of Ray's object store: consumers read them
-    (`normalize` and `.to(device)` make new tensors) and never write in place."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {k: torch.from_numpy(v) for k, v in batch.items()}
-
-
 class BatchStream:
     """Exactly `batch_size` valid rows per batch from a Dataset or a worker's DataIterator shard;
-    counts the rows it skipped (flagged bad) and the tail it dropped at the end of each epoch."""
+    counts the rows it skipped (flagged bad) and the tail it dropped at the end of each epoch.
+
+    Rows are buffered as references into the decoded blocks as Ray delivers them (zero-copy views
+    of the object store). With `shuffle_buffer > 0` a batch is drawn once the buffer holds
+    `shuffle_buffer + batch_size` rows: `batch_size` rows picked at random, seeded per epoch, and
+    copied once into the batch. (Ray's `local_shuffle_buffer_size` concatenates and re-slices its
+    buffer, copying each decoded image two to three times on the process that also trains.) With
+    `shuffle_buffer = 0` rows keep their arrival order.
+
+    A block stays pinned until its last row is drawn, so when the pinned blocks hold more than
+    `COMPACT_AT` times the buffered rows, the buffered rows are copied into one block of their own
+    (at most 1/(COMPACT_AT - 1) extra copies per row): memory stays within that factor of the
+    buffer."""
+
+    COMPACT_AT = 4
 
     def __init__(self, source, batch_size: int, shuffle_buffer: int = 0, seed: int = 0):
         self.source = source
@@ -135,34 +141,76 @@ class BatchStream:
         self.rows_seen = 0
         self.rows_skipped = 0
         self.rows_dropped = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._blocks: dict[int, list] = {}  # key -> [columns, rows of it still buffered, rows pinned]
+        self._slots: list[tuple[int, int]] = []  # the buffered rows: (block key, row)
+        self._pinned = 0  # rows of all blocks still held
+        self._keys = itertools.count()
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        pending: list[dict[str, np.ndarray]] = []
-        buffered = 0
-        kwargs = {}
+        rng = np.random.default_rng(zlib.crc32(f"{self.seed}:{epoch}".encode()))
+        self._reset()
+        fill = self.shuffle_buffer + self.batch_size
+        for block in self.source.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            valid = block.pop("valid")
+            keep = np.flatnonzero(valid)
+            self.rows_seen += len(valid)
+            self.rows_skipped += len(valid) - len(keep)
+            if len(keep):
+                self._add(block, len(valid), keep.tolist())
+            while len(self._slots) >= fill:
+                yield self._take(rng)
+            if self._slots and self._pinned > self.COMPACT_AT * max(len(self._slots), fill):
+                self._compact()
+        while len(self._slots) >= self.batch_size:
+            yield self._take(rng)
+        self.rows_dropped += len(self._slots)
+        self._reset()
+
+    def _add(self, columns: dict[str, np.ndarray], rows: int, keep) -> None:
+        key = next(self._keys)
+        self._blocks[key] = [columns, len(keep), rows]
+        self._pinned += rows
+        self._slots.extend((key, row) for row in keep)
+
+    def _compact(self) -> None:
+        """Copy the buffered rows into one block of their own, releasing every block they pinned."""
+        n = len(self._slots)
+        columns = self._gather(self._slots)
+        self._slots = []
+        self._add(columns, n, range(n))
+
+    def _take(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Remove `batch_size` rows from the buffer (random ones when shuffling, else the oldest)."""
+        slots = self._slots
         if self.shuffle_buffer:
-            kwargs = dict(local_shuffle_buffer_size=self.shuffle_buffer,
-                          local_shuffle_seed=zlib.crc32(f"{self.seed}:{epoch}".encode()))
-        for batch in self.source.iter_batches(batch_size=self.batch_size, batch_format="numpy",
-                                              prefetch_batches=2, **kwargs):
-            keep = batch.pop("valid").astype(bool)
-            self.rows_seen += len(keep)
-            good = int(keep.sum())
-            self.rows_skipped += len(keep) - good
-            if good == 0:
-                continue
-            if good == len(keep) and not pending and good == self.batch_size:
-                yield _tensors(batch)  # the common case: no copy
-                continue
-            pending.append(batch if good == len(keep) else {k: v[keep] for k, v in batch.items()})
-            buffered += good
-            while buffered >= self.batch_size:
-                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                yield _tensors({k: v[:self.batch_size] for k, v in merged.items()})
-                rest = {k: v[self.batch_size:] for k, v in merged.items()}
-                buffered -= self.batch_size
-                pending = [rest] if buffered else []
-        self.rows_dropped += buffered
+            picked = []
+            for _ in range(self.batch_size):
+                i = int(rng.integers(len(slots)))
+                picked.append(slots[i])
+                slots[i] = slots[-1]
+                slots.pop()
+        else:
+            picked = slots[:self.batch_size]
+            del slots[:self.batch_size]
+        return {k: torch.from_numpy(v) for k, v in self._gather(picked).items()}
+
+    def _gather(self, picked: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+        """Copy `picked` rows into new arrays, releasing each block whose last buffered row it was.
+        The caller has already removed `picked` from the buffer (or replaces the whole buffer)."""
+        columns = self._blocks[picked[0][0]][0]
+        out = {k: np.empty((len(picked), *v.shape[1:]), v.dtype) for k, v in columns.items()}
+        for j, (key, row) in enumerate(picked):
+            entry = self._blocks[key]
+            for k, v in entry[0].items():
+                out[k][j] = v[row]
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._pinned -= entry[2]
+                del self._blocks[key]
+        return out
 
     def counters(self) -> dict[str, int]:
         return {"rows_seen": self.rows_seen, "rows_skipped": self.rows_skipped, "rows_dropped": self.rows_dropped}
