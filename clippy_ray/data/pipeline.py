@@ -101,10 +101,11 @@ def build_dataset(uri: str, data_cfg: DataConfig, text_cfg: TextConfig, image_si
     """The streaming dataset the training loop consumes (one row per input row, bad ones flagged)."""
     # One read block of encoded images is one decode task. Ray's default of 128 MiB makes a whole
     # small dataset one task (one busy core); small blocks make many short tasks and a core idles
-    # at every hand-over. 32 MiB blocks with 256-row decode batches (one decoded block each, which
-    # BatchStream reads without a copy) measured 0.82-0.91x of the ideal on 2 cores vs 0.71-0.78x
-    # for 16 MiB / 64 rows (bench/ingest.py). The setting is captured by the datasets built here,
-    # including those handed to Ray Train, and by later ones in this process.
+    # at every hand-over. 32 MiB blocks with 256-row decode batches (one decoded block per call,
+    # which BatchStream reads without combining chunks), vs 16 MiB / 64 rows on 2 cores: first
+    # batch after 8-10 s instead of 15 s, the consumer at 5-6% of the machine instead of 8%
+    # (bench/ingest.py). The setting is captured by the datasets built here, including those
+    # handed to Ray Train, and by later ones in this process.
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
