@@ -1,13 +1,14 @@
 """Ingest throughput: the full Ray Data pipeline vs a bare single-process loop doing the same
 decode + augment + tokenize on the same shard, and that loop x cores (the ideal).
 
-    python bench/ingest.py [--rows 2000] [--source-size 320] [--size 224] [--format jpeg]
+    python bench/ingest.py [--rows 6000] [--copies 4] [--reps 3] [--decode-batch-size 128] ...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -68,66 +69,102 @@ def cpu_shares(before: dict, after: dict, seconds: float, cores: int) -> dict[st
 
 
 def pipeline(path: str, data: DataConfig, text: TextConfig, size: int, batch_size: int,
-             total_rows: int = 0) -> tuple[float, float, float, dict]:
-    """-> (seconds to the first batch, steady rows/s, rows/s over the whole epoch, CPU shares in the
-    steady window). Steady is the rate between 25% and 90% of the epoch: start-up and the work done
-    ahead while the first batch was awaited are both outside that window. With `total_rows`, the
-    CPU time of every process is sampled at both ends of the window."""
+             total_rows: int = 0) -> dict:
+    """One epoch through the full pipeline -> {first: seconds to the first batch, whole: rows/s
+    over the epoch, steady: rows/s between 10% and 90% of `total_rows`, shares: CPU share of each
+    role in that window}. Steady is what a long run sees: it leaves out start-up (listing, footer
+    reads, task start, the shuffle buffer filling) and the end of the epoch, where the last decode
+    task runs alone; `whole` keeps both. Sampling every process's CPU time at both ends of the
+    window gives the shares."""
     ds = build_dataset(path, data, text, size, train=True)
     stream = BatchStream(ds, batch_size, shuffle_buffer=data.shuffle_buffer)
     start = time.perf_counter()
-    marks = []  # (time, rows delivered)
-    snaps = []  # (time, cpu_seconds()) at 25% and 90% of total_rows
+    first = None
+    marks = []  # (time, rows delivered, cpu_seconds()) at 10% and 90% of total_rows
+    rows = 0
     for _ in stream.epoch(0):
-        marks.append((time.perf_counter(), len(marks) * batch_size + batch_size))
-        if total_rows and len(snaps) < 2 and marks[-1][1] >= (0.25, 0.90)[len(snaps)] * total_rows:
-            snaps.append((time.perf_counter(), cpu_seconds()))
+        rows += batch_size
+        if first is None:
+            first = time.perf_counter() - start
+        if total_rows and len(marks) < 2 and rows >= (0.1, 0.9)[len(marks)] * total_rows:
+            marks.append((time.perf_counter(), rows, cpu_seconds()))
     end = time.perf_counter()
-    total = marks[-1][1]
-    t0, r0 = next(m for m in marks if m[1] >= 0.25 * total)
-    t1, r1 = next(m for m in marks if m[1] >= 0.90 * total)
-    shares = (cpu_shares(snaps[0][1], snaps[1][1], snaps[1][0] - snaps[0][0], os.cpu_count() or 1)
-              if len(snaps) == 2 else {})
-    return marks[0][0] - start, (r1 - r0) / (t1 - t0), stream.rows_seen / (end - start), shares
+    out = {"first": first, "whole": stream.rows_seen / (end - start), "steady": 0.0, "shares": {}}
+    if len(marks) == 2:
+        (t0, r0, c0), (t1, r1, c1) = marks
+        out.update(steady=(r1 - r0) / (t1 - t0), shares=cpu_shares(c0, c1, t1 - t0, os.cpu_count() or 1))
+    return out
+
+
+def copies_of(path: str, copies: int, out: str) -> str:
+    """`out` holding each parquet file of `path` `copies` times (hard links): a long epoch of the
+    same rows the bare loop reads."""
+    os.makedirs(out)
+    for i in range(copies):
+        for file in sorted(os.listdir(path)):
+            os.link(os.path.join(path, file), os.path.join(out, f"copy{i}-{file}"))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=6000)
+    parser.add_argument("--rows", type=int, default=6000, help="rows the bare loop reads")
+    parser.add_argument("--copies", type=int, default=4, help="the pipeline's epoch is this many copies of them")
+    parser.add_argument("--reps", type=int, default=3, help="bare loop + pipeline epoch pairs, interleaved")
     parser.add_argument("--source-size", type=int, default=320, help="stored image side")
     parser.add_argument("--size", type=int, default=224, help="training image side")
     parser.add_argument("--format", default="jpeg", choices=("jpeg", "png"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shuffle-buffer", type=int, default=256)
-    parser.add_argument("--decode-cpus", type=float, default=1.0)
+    parser.add_argument("--decode-batch-size", type=int, default=DataConfig.decode_batch_size)
+    parser.add_argument("--block-mib", type=int, default=DataConfig.block_mib)
+    parser.add_argument("--decode-cpus", type=float, default=DataConfig.decode_cpus)
     parser.add_argument("--read-cpus", type=float, default=DataConfig.read_cpus)
+    parser.add_argument("--footer-readers", type=int, default=DataConfig.footer_readers)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     init_ray(quiet=True)
-    data = DataConfig(decode_batch_size=64, shuffle_buffer=args.shuffle_buffer, decode_cpus=args.decode_cpus,
-                      read_cpus=args.read_cpus)
+    data = DataConfig(decode_batch_size=args.decode_batch_size, block_mib=args.block_mib,
+                      shuffle_buffer=args.shuffle_buffer, decode_cpus=args.decode_cpus, read_cpus=args.read_cpus,
+                      footer_readers=args.footer_readers)
     text = TextConfig(tokenizer="byte", max_length=64)
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         make_benchmark(tmp, args.rows, 0, BenchmarkSpec(image_size=args.source_size, image_format=args.format),
                        rows_per_shard=250, splits=("train",))
         path = os.path.join(tmp, "train")
+        long = copies_of(path, args.copies, os.path.join(tmp, "long"))
         pipeline(path, data, text, args.size, args.batch_size)  # warm-up: worker processes, imports
-        bare = bare_loop(path, data, text, args.size)
-        first, steady, whole, shares = pipeline(path, data, text, args.size, args.batch_size, total_rows=args.rows)
-    print(f"{args.rows} rows, {args.source_size}px {args.format} -> {args.size}px train transform, "
-          f"{cores} cores, shuffle buffer {data.shuffle_buffer}, blocks {data.block_mib} MiB, "
-          f"read tasks {data.read_cpus} CPU, decode tasks {data.decode_cpus} CPU")
-    print(f"bare single-process loop:      {bare:8.1f} rows/s   (x {cores} cores = {bare * cores:.1f})")
-    print(f"Ray Data pipeline, steady:     {steady:8.1f} rows/s   (25%-90% of the epoch; first batch at {first:.2f} s)")
-    print(f"Ray Data pipeline, whole epoch:{whole:8.1f} rows/s")
-    print(f"ratio steady / (bare x cores): {steady / (bare * cores):.2f}   (goal >= 0.90)")
-    print(f"ratio steady / bare:           {steady / bare:.2f}")
+        for rep in range(args.reps):  # interleaved, so both sides see the same machine (its speed drifts)
+            bare = bare_loop(path, data, text, args.size)
+            run = pipeline(long, data, text, args.size, args.batch_size, total_rows=args.rows * args.copies)
+            runs.append({"bare": bare, **run})
+            print(f"rep {rep}: bare {bare:.0f} rows/s, pipeline steady {run['steady']:.0f} "
+                  f"({run['steady'] / (bare * cores):.2f}x of bare x {cores}), whole epoch {run['whole']:.0f}, "
+                  f"first batch {run['first']:.2f} s", flush=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in ("bare", "steady", "whole", "first")}
+    ratio = statistics.median(r["steady"] / (r["bare"] * cores) for r in runs)
+    print(f"{args.rows} rows x {args.copies} copies, {args.source_size}px {args.format} -> {args.size}px train "
+          f"transform, {cores} cores, shuffle buffer {data.shuffle_buffer}, blocks {data.block_mib} MiB, decode "
+          f"batches {data.decode_batch_size}, read tasks {data.read_cpus} CPU, decode tasks {data.decode_cpus} CPU; "
+          f"medians of {args.reps} interleaved reps:")
+    print(f"bare single-process loop:       {med['bare']:8.1f} rows/s   (x {cores} cores = {med['bare'] * cores:.1f})")
+    print(f"Ray Data pipeline, steady:      {med['steady']:8.1f} rows/s   (10%-90% of the epoch; "
+          f"first batch at {med['first']:.2f} s)")
+    print(f"Ray Data pipeline, whole epoch: {med['whole']:8.1f} rows/s")
+    print(f"ratio steady / (bare x cores):  {ratio:.2f}   (goal >= 0.90; per rep: "
+          + ", ".join(f"{r['steady'] / (r['bare'] * cores):.2f}" for r in runs) + ")")
+    print(f"ratio whole epoch / (bare x cores): "
+          f"{statistics.median(r['whole'] / (r['bare'] * cores) for r in runs):.2f}")
+    shares = {role: statistics.median(r["shares"].get(role, 0.0) for r in runs)
+              for role in {role for r in runs for role in r["shares"]}}
     print("CPU of the machine in the steady window: " + ", ".join(
-        f"{role} {share:.0%}" for role, share in sorted(shares.items(), key=lambda kv: -kv[1])))
+        f"{role} {share:.0%}" for role, share in sorted(shares.items(), key=lambda kv: -kv[1]))
+        + f", idle {max(0.0, 1 - sum(shares.values())):.0%}")
     decode = shares.get("decode/read tasks", 0.0)
     if decode:
-        per_core = steady / (decode * cores)
-        print(f"decode/read tasks: {per_core:.0f} rows/s per busy core = {per_core / bare:.2f}x the bare loop's")
+        per_core = med["steady"] / (decode * cores)
+        print(f"decode/read tasks: {per_core:.0f} rows/s per busy core = {per_core / med['bare']:.2f}x the bare loop's")
     print("reproduce: python bench/ingest.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
 
 
