@@ -1,7 +1,7 @@
 """Ingest throughput: the full Ray Data pipeline vs a bare single-process loop doing the same
 decode + augment + tokenize on the same shard, and that loop x cores (the ideal).
 
-    python bench/ingest.py [--rows 6000] [--copies 4] [--reps 3] [--decode-batch-size 128] ...
+    python bench/ingest.py [--rows 6000] [--copies 4] [--reps 3] [--block-mib 32] ...   (--help: all)
 """
 
 from __future__ import annotations

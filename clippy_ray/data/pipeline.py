@@ -99,23 +99,21 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, image_column: str, caption
 def build_dataset(uri: str, data_cfg: DataConfig, text_cfg: TextConfig, image_size: int, train: bool,
                   first_epoch: int = 0) -> ray.data.Dataset:
     """The streaming dataset the training loop consumes (one row per input row, bad ones flagged)."""
+    ds = read_parquet(uri, [data_cfg.image_column, data_cfg.caption_column], data_cfg, first_epoch)
+    # Set on this dataset's own context (the datasets derived from it, including what Ray Train
+    # streams, inherit it; the process-wide DataContext is left alone).
     # One read block of encoded images is one decode task. Ray's default of 128 MiB makes a whole
     # small dataset one task (one busy core); small blocks make many short tasks and a core idles
     # at every hand-over. 32 MiB blocks with 256-row decode batches (one decoded block per call,
     # which BatchStream reads without combining chunks), vs 16 MiB / 64 rows on 2 cores: first
     # batch after 8-10 s instead of 15 s, the consumer at 5-6% of the machine instead of 8%
-    # (bench/ingest.py). The setting is captured by the datasets built here, including those
-    # handed to Ray Train, and by later ones in this process.
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.target_max_block_size = data_cfg.block_mib * 2**20
+    # (bench/ingest.py).
+    ds.context.target_max_block_size = data_cfg.block_mib * 2**20
     # Ray Data reserves a share of the CPUs for each operator; on a small machine that keeps the
     # decode operator to one task while parquet reads run (seen on 2 cores: one decoder busy for the
     # whole read phase). This pipeline is three task operators in a line, which the reservation is
     # not needed for.
-    ctx.op_resource_reservation_enabled = False
-    ds = read_parquet(uri, [data_cfg.image_column, data_cfg.caption_column], data_cfg, first_epoch)
+    ds.context.op_resource_reservation_enabled = False
     fn_kwargs = dict(image_column=data_cfg.image_column, caption_column=data_cfg.caption_column, size=image_size,
                      train=train, min_scale=data_cfg.min_crop_scale,
                      text_cfg=tuple(sorted((k, v) for k, v in vars(text_cfg).items() if k != "hf_config")),
