@@ -1,5 +1,8 @@
 """Ingest throughput: the full Ray Data pipeline vs a bare single-process loop doing the same
-decode + augment + tokenize on the same shard, and that loop x cores (the ideal).
+decode + augment + tokenize on the same shard, and that loop x cores (the goal's ideal). Also
+`cores` bare loops running at once as plain processes (no Ray): what this machine gives that many
+independent decoders, which a pipeline cannot be expected to beat (beyond noise), so each ratio
+can be read against it.
 
     python bench/ingest.py [--rows 6000] [--copies 4] [--reps 3] [--block-mib 32] ...   (--help: all)
 """
@@ -7,6 +10,7 @@ decode + augment + tokenize on the same shard, and that loop x cores (the ideal)
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -36,6 +40,12 @@ def bare_loop(path: str, data: DataConfig, text: TextConfig, size: int) -> float
                                     "caption": batch.column("caption").to_numpy(zero_copy_only=False)}, **kwargs)
             rows += len(out["valid"])
     return rows / (time.perf_counter() - start)
+
+
+def parallel_bare(pool, path: str, data: DataConfig, text: TextConfig, size: int, procs: int) -> float:
+    """rows/s of `procs` bare loops at once, each in its own plain process (the pool's, already
+    started), summed: the machine's ceiling for `procs` independent decoders."""
+    return sum(pool.starmap(bare_loop, [(path, data, text, size)] * procs, chunksize=1))
 
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -96,12 +106,12 @@ def pipeline(path: str, data: DataConfig, text: TextConfig, size: int, batch_siz
     return out
 
 
-def copies_of(path: str, copies: int, out: str) -> str:
-    """`out` holding each parquet file of `path` `copies` times (hard links): a long epoch of the
-    same rows the bare loop reads."""
+def copies_of(path: str, copies: int, out: str, limit: int | None = None) -> str:
+    """`out` holding each parquet file of `path` (the first `limit` of them) `copies` times (hard
+    links): a long epoch of the same rows the bare loop reads."""
     os.makedirs(out)
     for i in range(copies):
-        for file in sorted(os.listdir(path)):
+        for file in sorted(os.listdir(path))[:limit]:
             os.link(os.path.join(path, file), os.path.join(out, f"copy{i}-{file}"))
     return out
 
@@ -134,26 +144,39 @@ def main() -> None:
                        rows_per_shard=250, splits=("train",))
         path = os.path.join(tmp, "train")
         long = copies_of(path, args.copies, os.path.join(tmp, "long"))
+        one_file = copies_of(path, 1, os.path.join(tmp, "warm"), limit=1)
         pipeline(path, data, text, args.size, args.batch_size)  # warm-up: worker processes, imports
-        for rep in range(args.reps):  # interleaved, so both sides see the same machine (its speed drifts)
-            bare = bare_loop(path, data, text, args.size)
-            run = pipeline(long, data, text, args.size, args.batch_size, total_rows=args.rows * args.copies)
-            runs.append({"bare": bare, **run})
-            print(f"rep {rep}: bare {bare:.0f} rows/s, pipeline steady {run['steady']:.0f} "
-                  f"({run['steady'] / (bare * cores):.2f}x of bare x {cores}), whole epoch {run['whole']:.0f}, "
-                  f"first batch {run['first']:.2f} s", flush=True)
-    med = {k: statistics.median(r[k] for r in runs) for k in ("bare", "steady", "whole", "first")}
+        # spawn: plain processes that share nothing with this one's Ray
+        with multiprocessing.get_context("spawn").Pool(cores) as pool:
+            parallel_bare(pool, one_file, data, text, args.size, cores)  # warm-up: imports
+            for rep in range(args.reps):  # interleaved, so all sides see the same machine (its speed drifts)
+                bare = bare_loop(path, data, text, args.size)
+                parallel = parallel_bare(pool, path, data, text, args.size, cores)
+                run = pipeline(long, data, text, args.size, args.batch_size, total_rows=args.rows * args.copies)
+                runs.append({"bare": bare, "parallel": parallel, **run})
+                print(f"rep {rep}: bare {bare:.0f} rows/s, {cores} at once {parallel:.0f} "
+                      f"({parallel / (bare * cores):.2f}x of bare x {cores}), pipeline steady {run['steady']:.0f} "
+                      f"({run['steady'] / (bare * cores):.2f}x of bare x {cores}, {run['steady'] / parallel:.2f}x of "
+                      f"{cores} at once), whole epoch {run['whole']:.0f}, first batch {run['first']:.2f} s", flush=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in ("bare", "parallel", "steady", "whole", "first")}
     ratio = statistics.median(r["steady"] / (r["bare"] * cores) for r in runs)
+    ceiling = statistics.median(r["parallel"] / (r["bare"] * cores) for r in runs)
     print(f"{args.rows} rows x {args.copies} copies, {args.source_size}px {args.format} -> {args.size}px train "
           f"transform, {cores} cores, shuffle buffer {data.shuffle_buffer}, blocks {data.block_mib} MiB, decode "
           f"batches {data.decode_batch_size}, read tasks {data.read_cpus} CPU, decode tasks {data.decode_cpus} CPU; "
           f"medians of {args.reps} interleaved reps:")
     print(f"bare single-process loop:       {med['bare']:8.1f} rows/s   (x {cores} cores = {med['bare'] * cores:.1f})")
+    print(f"{cores} bare loops at once (no Ray): {med['parallel']:8.1f} rows/s   ({ceiling:.2f}x of bare x {cores}: "
+          f"this machine's ceiling; per rep: " + ", ".join(f"{r['parallel'] / (r['bare'] * cores):.2f}" for r in runs)
+          + ")")
     print(f"Ray Data pipeline, steady:      {med['steady']:8.1f} rows/s   (10%-90% of the epoch; "
           f"first batch at {med['first']:.2f} s)")
     print(f"Ray Data pipeline, whole epoch: {med['whole']:8.1f} rows/s")
     print(f"ratio steady / (bare x cores):  {ratio:.2f}   (goal >= 0.90; per rep: "
           + ", ".join(f"{r['steady'] / (r['bare'] * cores):.2f}" for r in runs) + ")")
+    print(f"ratio steady / ({cores} bare loops at once): "
+          f"{statistics.median(r['steady'] / r['parallel'] for r in runs):.2f}   (per rep: "
+          + ", ".join(f"{r['steady'] / r['parallel']:.2f}" for r in runs) + ")")
     print(f"ratio whole epoch / (bare x cores): "
           f"{statistics.median(r['whole'] / (r['bare'] * cores) for r in runs):.2f}")
     shares = {role: statistics.median(r["shares"].get(role, 0.0) for r in runs)
