@@ -116,6 +116,10 @@ def copies_of(path: str, copies: int, out: str, limit: int | None = None) -> str
     return out
 
 
+def per_rep(ratios: list[float]) -> str:
+    return ", ".join(f"{r:.2f}" for r in ratios)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=6000, help="rows the bare loop reads")
@@ -159,24 +163,22 @@ def main() -> None:
                       f"({run['steady'] / (bare * cores):.2f}x of bare x {cores}, {run['steady'] / parallel:.2f}x of "
                       f"{cores} at once), whole epoch {run['whole']:.0f}, first batch {run['first']:.2f} s", flush=True)
     med = {k: statistics.median(r[k] for r in runs) for k in ("bare", "parallel", "steady", "whole", "first")}
-    ratio = statistics.median(r["steady"] / (r["bare"] * cores) for r in runs)
-    ceiling = statistics.median(r["parallel"] / (r["bare"] * cores) for r in runs)
+    goal = [r["steady"] / (r["bare"] * cores) for r in runs]  # the ratio, per rep
+    ceiling = [r["parallel"] / (r["bare"] * cores) for r in runs]
+    of_ceiling = [r["steady"] / r["parallel"] for r in runs]
     print(f"{args.rows} rows x {args.copies} copies, {args.source_size}px {args.format} -> {args.size}px train "
           f"transform, {cores} cores, shuffle buffer {data.shuffle_buffer}, blocks {data.block_mib} MiB, decode "
           f"batches {data.decode_batch_size}, read tasks {data.read_cpus} CPU, decode tasks {data.decode_cpus} CPU; "
           f"medians of {args.reps} interleaved reps:")
     print(f"bare single-process loop:       {med['bare']:8.1f} rows/s   (x {cores} cores = {med['bare'] * cores:.1f})")
-    print(f"{cores} bare loops at once (no Ray): {med['parallel']:8.1f} rows/s   ({ceiling:.2f}x of bare x {cores}: "
-          f"this machine's ceiling; per rep: " + ", ".join(f"{r['parallel'] / (r['bare'] * cores):.2f}" for r in runs)
-          + ")")
+    print(f"{cores} bare loops at once (no Ray): {med['parallel']:8.1f} rows/s   ({statistics.median(ceiling):.2f}x "
+          f"of bare x {cores}: this machine's ceiling; per rep: {per_rep(ceiling)})")
     print(f"Ray Data pipeline, steady:      {med['steady']:8.1f} rows/s   (10%-90% of the epoch; "
           f"first batch at {med['first']:.2f} s)")
     print(f"Ray Data pipeline, whole epoch: {med['whole']:8.1f} rows/s")
-    print(f"ratio steady / (bare x cores):  {ratio:.2f}   (goal >= 0.90; per rep: "
-          + ", ".join(f"{r['steady'] / (r['bare'] * cores):.2f}" for r in runs) + ")")
-    print(f"ratio steady / ({cores} bare loops at once): "
-          f"{statistics.median(r['steady'] / r['parallel'] for r in runs):.2f}   (per rep: "
-          + ", ".join(f"{r['steady'] / r['parallel']:.2f}" for r in runs) + ")")
+    print(f"ratio steady / (bare x cores):  {statistics.median(goal):.2f}   (goal >= 0.90; per rep: {per_rep(goal)})")
+    print(f"ratio steady / ({cores} bare loops at once): {statistics.median(of_ceiling):.2f}   "
+          f"(per rep: {per_rep(of_ceiling)})")
     print(f"ratio whole epoch / (bare x cores): "
           f"{statistics.median(r['whole'] / (r['bare'] * cores) for r in runs):.2f}")
     shares = {role: statistics.median(r["shares"].get(role, 0.0) for r in runs)
