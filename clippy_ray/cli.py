@@ -130,7 +130,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from clippy_ray import storage
     from clippy_ray.ray_init import init_ray
-    from clippy_ray.tune.sweep import load_sweep, markdown_table, run_sweep
+    from clippy_ray.tune.grid import load_sweep
+    from clippy_ray.tune.results import markdown_table
+    from clippy_ray.tune.sweep import run_sweep
 
     sweep, trials = load_sweep(args.config, args.overrides)
     init_ray()

@@ -1,5 +1,6 @@
 """The ablation sweep: a real 2-trial Ray Tune run (Train V2 + DeepSpeed per trial, then the
-parallel evaluation), its table, and resuming it; bad sweep configs fail at once."""
+parallel evaluation), its table, and resuming it; bad sweep configs fail at once; axes are any
+dotted config key or one of the paper's named presets (no Ray needed for those)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 import yaml
 
 from clippy_ray import config
-from clippy_ray.tune.sweep import load_sweep, run_sweep
+from clippy_ray.tune.config import SweepConfig
+from clippy_ray.tune.grid import label, load_sweep, settings, trial_config, trial_overrides
+from clippy_ray.tune.sweep import run_sweep
 from tests.conftest import tiny_config
 
 
@@ -88,7 +91,7 @@ def test_asha_stops_a_trailing_trial_at_a_rung_but_never_on_its_last_step():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from clippy_ray.config import SchedulerConfig, SweepConfig
+    from clippy_ray.tune.config import SchedulerConfig
     from clippy_ray.tune.sweep import _scheduler
 
     sweep = SweepConfig(base="b.yaml", axes={"aggregation": ["max", "avg", "cls"]},
@@ -103,3 +106,98 @@ def test_asha_stops_a_trailing_trial_at_a_rung_but_never_on_its_last_step():
     assert asha.on_trial_result(None, good, {"step": 8, "val_loss": 0.5}) == TrialScheduler.CONTINUE
     # Far behind at the last step: it has finished training, so it goes on to its evaluation.
     assert asha.on_trial_result(None, late, {"step": 8, "val_loss": 9.0}) == TrialScheduler.CONTINUE
+
+
+# ------------------------------------------------------------------------------- axes (no Ray)
+
+REMOTE_DATA = ["data.train=s3://bucket/train", "data.val=s3://bucket/val"]  # not checked for existence
+
+
+def _sweep_file(tmp_path, axes: dict, **extra) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": "configs/demo.yaml", "overrides": REMOTE_DATA, "axes": axes, **extra},
+                                   sort_keys=False))
+    return str(path)
+
+
+def test_a_dotted_key_axis_gives_one_trial_per_value_with_that_value(tmp_path):
+    sweep, trials = load_sweep(_sweep_file(tmp_path, {"train.lr": [0.001, 0.0005]}))
+    assert [t.train.lr for t in trials] == [0.001, 0.0005]
+    assert [t.train.run_name for t in trials] == ["lr0.001", "lr0.0005"]
+    assert trial_overrides(sweep, settings(sweep)[1]) == ["train.lr=0.0005"]
+    # The same axis from the command line: `axes.train.lr=[...]` nests the key; it is the same axis.
+    sweep, trials = load_sweep(_sweep_file(tmp_path, {"aggregation": ["max"]}), ["axes.train.lr=[0.01, 0.02]"])
+    assert list(sweep.axes) == ["aggregation", "train.lr"] and [t.train.lr for t in trials] == [0.01, 0.02]
+
+
+def test_a_preset_and_a_dotted_key_make_the_product_grid(tmp_path):
+    sweep, trials = load_sweep(_sweep_file(tmp_path, {"aggregation": ["max", "avg"], "train.lr": [0.001, 0.0005]}))
+    assert [label(sweep, s) for s in settings(sweep)] == ["max_lr0.001", "max_lr0.0005", "avg_lr0.001", "avg_lr0.0005"]
+    assert [(t.model.aggregation, t.train.lr) for t in trials] == [
+        ("max", 0.001), ("max", 0.0005), ("avg", 0.001), ("avg", 0.0005)]
+
+
+def test_trial_names_stay_unique_and_path_safe_for_any_values(tmp_path):
+    sweep, trials = load_sweep(_sweep_file(tmp_path, {
+        "model.image.pretrained": [None, "s3://w/dino.pth"], "model.text.pretrained": [None],
+        "model.text.tokenizer": ["s3://w/a_b", "s3://w/a-b"], "model.token_keep_ratio": [None, 0.25]}))
+    names = [label(sweep, s) for s in settings(sweep)]
+    assert names[:2] == ["image-pretrained-null_text-pretrained-null_tokenizer-s3-w-a-b-1_token-keep-ratio-null",
+                         "image-pretrained-null_text-pretrained-null_tokenizer-s3-w-a-b-1_token-keep-ratio0.25"]
+    assert len(set(names)) == len(names) == 8
+    assert all(n.replace("_", "").replace("-", "").replace(".", "").isalnum() for n in names)
+    assert {(t.model.image.pretrained, t.model.text.tokenizer) for t in trials} == {
+        (image, tok) for image in (None, "s3://w/dino.pth") for tok in ("s3://w/a_b", "s3://w/a-b")}
+
+
+def test_a_sweep_with_an_unknown_dotted_key_or_a_bad_value_fails_with_one_line_naming_each(tmp_path):
+    with pytest.raises(config.ConfigError) as err:
+        load_sweep(_sweep_file(tmp_path, {"train.lrr": [0.001, 0.0005], "model.aggregation": ["maxx", "avg"]}))
+    assert len(err.value.errors) == 2
+    assert err.value.errors[0].startswith("axes.train.lrr: unknown key (valid keys: run_name, ")
+    assert err.value.errors[1] == "axes.model.aggregation: 'maxx' is not one of max, avg, cls"
+
+
+def test_an_axis_may_not_vary_a_key_a_preset_or_the_sweep_already_sets(tmp_path):
+    with pytest.raises(config.ConfigError) as err:
+        load_sweep(_sweep_file(tmp_path, {"token_subsampling": ["off"], "model.token_keep_ratio": [0.5],
+                                          "train.run_name": ["a"], "aggregation": ["max", "max"]}))
+    assert err.value.errors == [
+        "axes.model.token_keep_ratio: model.token_keep_ratio is also set by the token_subsampling preset; "
+        "keep one of the two axes",
+        "axes.train.run_name: train.run_name is set by the sweep for each trial (its run folder, W&B group); "
+        "not an axis",
+        "axes.aggregation: 'max' is listed twice"]
+
+
+def test_the_paper_presets_expand_to_the_overrides_they_stood_for(tmp_path):
+    sweep = config.load("configs/ablation.yaml", cls=SweepConfig)
+    assert len(settings(sweep)) == 36 and label(sweep, settings(sweep)[0]) == "max_image-ssl_text-sentence_sub-off"
+    dino, st5 = sweep.image_inits["ssl"], sweep.text_inits["sentence"]
+    expected = {
+        ("aggregation", "cls"): ("cls", ["model.aggregation=cls"]),
+        ("image_init", "ssl"): ("image-ssl", [f"model.image.pretrained={dino}"]),
+        ("image_init", "random"): ("image-random", ["model.image.pretrained=null"]),
+        ("text_init", "sentence"): ("text-sentence", [f"model.text.pretrained={st5}", f"model.text.tokenizer={st5}"]),
+        ("text_init", "random"): ("text-random", ["model.text.pretrained=null"]),
+        ("token_subsampling", "off"): ("sub-off", ["model.token_keep_count=null", "model.token_keep_ratio=null"]),
+        ("token_subsampling", 0.5): ("sub0.5", ["model.token_keep_count=null", "model.token_keep_ratio=0.5"]),
+    }
+    for (axis, value), (name, overrides) in expected.items():
+        assert (label(sweep, {axis: value}), trial_overrides(sweep, {axis: value})) == (name, overrides)
+    # The demo's base keeps half the tokens; the preset's "off" turns sub-sampling off in the resolved config.
+    demo = config.load("configs/ablation_demo.yaml", cls=SweepConfig)
+    assert [label(demo, s) for s in settings(demo)] == ["max_sub-off", "max_sub0.5", "avg_sub-off", "avg_sub0.5",
+                                                        "cls_sub-off", "cls_sub0.5"]
+    assert trial_config(demo, {"token_subsampling": "off"}).model.token_keep_ratio is None
+    assert trial_config(demo, {"aggregation": "avg", "token_subsampling": 0.5}).model.aggregation == "avg"
+
+
+def test_the_results_table_has_a_column_per_axis_dotted_keys_included(tmp_path):
+    from clippy_ray.tune.results import markdown_table
+
+    sweep, _ = load_sweep(_sweep_file(tmp_path, {"aggregation": ["max"], "train.lr": [0.001]}))
+    rows = [{"setting": s, "label": label(sweep, s), "status": "finished", "seg_miou": 12.5} for s in settings(sweep)]
+    head, _, row = markdown_table(sweep, rows).splitlines()
+    assert head.startswith("| aggregation | train.lr | cls top-1 (%) | seg mIoU (%) |")
+    assert row.startswith("| max | 0.001 | — | 12.5 |")

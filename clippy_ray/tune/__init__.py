@@ -1,1 +1,1 @@
-"""Ray Tune sweeps over the paper's ablation axes."""
+"""Ray Tune sweeps: a grid over any dotted config keys and the paper's ablation axes (named presets)."""

@@ -1,0 +1,64 @@
+"""A sweep's results: one row per trial -> a table in the shape of the paper's Table 3 (a column
+per axis, whatever the axes are), a bar plot, and results.md / results.json / results.png."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from clippy_ray import config, storage
+from clippy_ray.tune.config import SweepConfig
+
+METRICS = (("cls_top1", "cls top-1 (%)"), ("seg_miou", "seg mIoU (%)"), ("unsup_jaccard", "unsup Jaccard (%)"),
+           ("robust_gap", "robust gap (pts)"))
+
+
+def _num(v, digits: int = 1) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def markdown_table(sweep: SweepConfig, rows: list[dict]) -> str:
+    axes = list(sweep.axes)
+    head = axes + [name for _, name in METRICS] + ["val loss", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["setting"].get(a)) for a in axes] + [_num(r.get(k)) for k, _ in METRICS]
+        cells += [_num(r.get("val_loss"), 3), r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], title: str) -> bytes:
+    """Grouped bars: one group per trial, one bar per metric."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 4), 4))
+    width = 0.8 / len(METRICS)
+    for i, (key, name) in enumerate(METRICS):
+        values = [r.get(key) if r.get(key) is not None else 0.0 for r in rows]
+        ax.bar([x + (i - (len(METRICS) - 1) / 2) * width for x in range(len(rows))], values, width, label=name)
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20, ha="right")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_ylabel("%  (gap: points)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_results(sweep: SweepConfig, rows: list[dict]) -> None:
+    root = storage.join(sweep.storage, sweep.name)
+    md = (f"# Sweep `{sweep.name}`\n\nbase: `{sweep.base}`, overrides: `{' '.join(sweep.overrides) or '-'}`, "
+          f"eval data: `{sweep.eval_data}`\n\n" + markdown_table(sweep, rows) + "\n![results](results.png)\n")
+    storage.write_bytes(storage.join(root, "results.md"), md.encode())
+    storage.write_bytes(storage.join(root, "results.json"),
+                        json.dumps({"sweep": config.to_dict(sweep), "rows": rows}, indent=2, default=str).encode())
+    storage.write_bytes(storage.join(root, "results.png"), plot(rows, f"sweep {sweep.name}"))
