@@ -18,11 +18,11 @@ import torch
 from clippy_ray import config
 from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
-from clippy_ray.eval.runner import run_eval
+from clippy_ray.eval import run_eval
 from clippy_ray.model import build_model
+from clippy_ray.model.handoff import export_handoff
 from clippy_ray.ray_init import init_ray
 from clippy_ray.tokenizer import build_tokenizer
-from clippy_ray.train.checkpoint import export_handoff
 
 
 def main() -> None:

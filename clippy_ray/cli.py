@@ -89,7 +89,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from clippy_ray import config
     from clippy_ray.ray_init import init_ray
-    from clippy_ray.train.checkpoint import HANDOFF_DIR
+    from clippy_ray.model.handoff import HANDOFF_DIR
     from clippy_ray.train.trainer import checkpoint_uri, fit
 
     cfg = config.load(args.config, args.overrides)
@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from clippy_ray.eval.runner import eval_config, run_eval, summary_line
+    from clippy_ray.eval import eval_config, run_eval, summary_line
     from clippy_ray.ray_init import init_ray
 
     flags = {"tasks": args.tasks.split(",") if args.tasks else None, "workers": args.workers,

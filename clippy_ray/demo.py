@@ -9,8 +9,8 @@ import time
 from clippy_ray import config, storage
 from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
-from clippy_ray.eval.runner import run_eval, summary_line
-from clippy_ray.train.checkpoint import HANDOFF_DIR
+from clippy_ray.eval import run_eval, summary_line
+from clippy_ray.model.handoff import HANDOFF_DIR
 from clippy_ray.train.trainer import checkpoint_uri, fit
 
 

@@ -17,7 +17,8 @@ from clippy_ray import config
 from clippy_ray.eval import metrics
 from clippy_ray.eval.datasets import (EvalDataError, EvalSet, Sample, detect_format, load_shard, open_eval_set,
                                       read_names)
-from clippy_ray.eval.tasks import Evaluator, label_map, pca_groups
+from clippy_ray.eval.evaluator import Evaluator, label_map, pca_groups
+from clippy_ray.eval.tasks import TASKS
 from tests.conftest import tiny_config
 
 # ------------------------------------------------------------------------------- metrics
@@ -148,11 +149,11 @@ def test_seg_on_hand_set_features_scores_1_when_right_and_the_computed_value_whe
     cells = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
     image = _paint(cells)
     truth = np.kron(cells, np.ones((8, 8), int))
-    right = ev.run("seg", [Sample("a", image, truth)])
+    right = TASKS["seg"].run(ev, [Sample("a", image, truth)])
     assert metrics.mean_iou(right["confusion"]) == 1.0
     wrong_truth = truth.copy()
     wrong_truth[16:24, 16:32] = 1  # truth says red where blue is drawn: 128 px of class 3 predicted for class 1
-    wrong = ev.run("seg", [Sample("b", image, wrong_truth)])
+    wrong = TASKS["seg"].run(ev, [Sample("b", image, wrong_truth)])
     # red: tp 256, fn 128 -> 256/384; blue: tp 128, fp 128 -> 1/2; background, green: 1.
     iou = metrics.iou_per_class(wrong["confusion"])
     np.testing.assert_allclose(iou, [1, 256 / 384, 1, 0.5])
@@ -170,14 +171,14 @@ def test_threshold_background_marks_low_confidence_locations_as_background():
 def test_classification_and_pca_grouping_on_hand_set_features(hand_evaluator):
     ev = hand_evaluator()
     samples = [Sample(str(c), _paint(np.full((4, 4), c)), labels=[c]) for c in (1, 2, 3)]
-    out = ev.run("cls", samples)
+    out = TASKS["cls"].run(ev, samples)
     assert out["hits1"] == 3 and out["rows"] == 3
     # Grouping: a 3-colour image splits into 3 groups that match its 3 segments exactly.
     cells = np.array([[1, 1, 2, 2]] * 2 + [[3, 3, 3, 3]] * 2)
     feats = nn.functional.one_hot(torch.from_numpy(cells), 4).float()  # [4, 4, 4] dense map
     groups = pca_groups(feats, 8)
     assert metrics.matched_jaccard(groups.numpy(), cells) == [1.0, 1.0, 1.0]
-    unsup = ev.run("unsup", [Sample("g", _paint(cells), mask=np.kron(cells, np.ones((8, 8), int)))])
+    unsup = TASKS["unsup"].run(ev, [Sample("g", _paint(cells), mask=np.kron(cells, np.ones((8, 8), int)))])
     assert unsup["ious"] == [1.0, 1.0, 1.0]
 
 
@@ -268,8 +269,8 @@ def test_shipped_class_files_have_the_papers_class_counts():
 @pytest.fixture(scope="module")
 def tiny_handoff(tmp_path_factory):
     from clippy_ray.model import build_model
+    from clippy_ray.model.handoff import export_handoff
     from clippy_ray.tokenizer import build_tokenizer
-    from clippy_ray.train.checkpoint import export_handoff
 
     cfg = tiny_config("eval.templates=simple")
     tok = build_tokenizer(cfg.model.text)
@@ -292,7 +293,7 @@ def eval_benchmark(tmp_path_factory, ray_local):
 
 
 def test_eval_with_1_and_2_ray_workers_gives_identical_numbers(tiny_handoff, eval_benchmark, bucket):
-    from clippy_ray.eval.runner import eval_config, run_eval
+    from clippy_ray.eval import eval_config, run_eval
 
     runs = {}
     for workers in (1, 2):

@@ -38,8 +38,9 @@ def _export_worker(rank: int, port: int, stage: int, out: str):
     try:
         from clippy_ray.data.transforms import normalize
         from clippy_ray.model import build_model
+        from clippy_ray.model.handoff import export_handoff
         from clippy_ray.tokenizer import build_tokenizer
-        from clippy_ray.train.checkpoint import export_handoff, full_state_dict
+        from clippy_ray.train.checkpoint import full_state_dict
         from clippy_ray.train.engine import build_engine
 
         cfg = config.load(None, TINY + [f"train.zero_stage={stage}", "train.num_workers=1", "train.global_batch_size=4",
@@ -68,7 +69,7 @@ def _export_worker(rank: int, port: int, stage: int, out: str):
 def test_handoff_export_loads_without_deepspeed_and_gives_the_engines_embeddings(tmp_path, stage):
     mp.spawn(_export_worker, args=(_free_port(), stage, str(tmp_path)), nprocs=1, join=True)
     from clippy_ray.data.transforms import normalize
-    from clippy_ray.train.checkpoint import load_handoff
+    from clippy_ray.model.handoff import load_handoff
 
     ref = torch.load(tmp_path / "engine.pt")
     model, cfg, tok = load_handoff(str(tmp_path / "model"))

@@ -47,16 +47,27 @@ class CLIPpy(nn.Module):
         return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.scale()
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, encoder_config: PretrainedConfig | None = None) -> CLIPpy:
-    """The model a config describes, with pretrained weights loaded where the config names them.
-    `vocab_size` is the tokenizer's; a pretrained text encoder must have at least that many rows.
-    `encoder_config` (a saved model's text encoder config) builds that encoder without loading weights."""
+def build_model(cfg: ModelConfig, vocab_size: int, *, load_pretrained: bool = True,
+                encoder_config: PretrainedConfig | None = None) -> CLIPpy:
+    """The model a config describes. `vocab_size` is the tokenizer's; the text encoder must embed
+    at least that many tokens.
+
+    load_pretrained: load the weights the config names (model.image.pretrained, model.text.pretrained).
+    False builds every tower randomly initialized, for weights restored right after (a saved model).
+    encoder_config: the text encoder's architecture when it is not the config's own (a saved model's,
+    which may have come from a pretrained folder); only with load_pretrained=False."""
+    if encoder_config is not None and load_pretrained:
+        raise ValueError("build_model: encoder_config describes an encoder whose weights come from elsewhere; "
+                         "pass load_pretrained=False with it")
+    if not load_pretrained and cfg.text.pretrained and encoder_config is None:
+        raise ValueError(f"build_model: model.text.pretrained={cfg.text.pretrained!r} defines the encoder's "
+                         "architecture; without loading it, pass that architecture as encoder_config")
     image = ImageTower(cfg.image, cfg.embed_dim, cfg.aggregation, cfg.token_keep_ratio, cfg.token_keep_count)
-    if cfg.image.pretrained and encoder_config is None:
+    if load_pretrained and cfg.image.pretrained:
         load_image_backbone(image.vit, cfg.image.pretrained)
     if encoder_config is not None:
         encoder = encoder_from_config(encoder_config)
-    elif cfg.text.pretrained:
+    elif load_pretrained and cfg.text.pretrained:
         encoder = load_text_encoder(cfg.text.pretrained, cfg.text.hf_config)
     else:
         encoder = encoder_from_config(text_config(cfg.text, vocab_size))

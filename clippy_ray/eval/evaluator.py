@@ -1,18 +1,14 @@
-"""The evaluation tasks on one shard of samples: plain torch, no Ray.
+"""What every evaluation task shares, plain torch, no Ray: one model, the class embeddings of one
+dataset, and dense features of its images. The tasks (eval/tasks/) and `segment` build on it.
 
-- cls: zero-shot classification against prompt-averaged class embeddings (CLIP's protocol).
-- seg: per-location similarity of the dense projected features to each class embedding,
-  bilinearly upsampled to the mask, argmax (top-down, no aggregation at test time).
-- unsup: PCA of the dense map, each location to the nearest of K components, groups matched to
-  the annotated segments (Hungarian), Jaccard per segment.
-- robust: zero-shot accuracy on matched vs swapped backgrounds.
-
-Each returns sums that the runner adds up across shards (see eval/metrics.py).
+- class embeddings: prompt-averaged text embeddings per class (CLIP's zero-shot classifier).
+- dense features: the projected per-location embeddings of a whole image, compared with the class
+  embeddings location by location (top-down, no aggregation at test time) or grouped by PCA.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,8 +17,7 @@ from PIL import Image
 
 from clippy_ray.config import EvalConfig
 from clippy_ray.data.transforms import normalize
-from clippy_ray.eval import metrics
-from clippy_ray.eval.datasets import EvalDataError, EvalSet, Sample
+from clippy_ray.eval.datasets import EvalDataError, EvalSet, Sample, read_templates
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -132,10 +127,11 @@ def pca_groups(dense: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def upsample_nearest(labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """[h, w] ids -> [H, W] numpy ids (nearest neighbour, so ids stay ids)."""
     return F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long().cpu().numpy()
 
 
-# ------------------------------------------------------------------------------- the evaluator
+# ------------------------------------------------------------------------------- settings
 
 def background_mode(cfg: EvalConfig, data: EvalSet) -> str:
     """The segmentation background mode: eval.background, or the dataset's own when auto."""
@@ -146,106 +142,21 @@ def background_mode(cfg: EvalConfig, data: EvalSet) -> str:
     return mode
 
 
-class Evaluator:
-    """Holds one model and the class embeddings of one dataset; evaluates shards of it."""
+def resolve_templates(cfg: EvalConfig, data: EvalSet) -> list[str]:
+    """eval.templates, or the template set that suits the data when auto."""
+    return read_templates(data.templates if cfg.templates == "auto" else cfg.templates)
 
-    def __init__(self, model, tokenizer, data: EvalSet, cfg: EvalConfig, device: torch.device,
-                 train_size: int, patch: int, templates: list[str]):
-        self.model, self.tokenizer, self.data, self.cfg, self.device = model, tokenizer, data, cfg, device
-        self.train_size, self.patch = train_size, patch
-        self.resolution = cfg.resolution or 2 * train_size
-        self.background = background_mode(cfg, data)
-        names = data.class_names
-        first_fg = 1 if data.has_background else 0
-        self.fg_ids = list(range(first_fg, len(names)))  # classification never predicts background
-        self.fg = text_classifier(model, tokenizer, [names[i] for i in self.fg_ids], templates, device)
-        self.all = (text_classifier(model, tokenizer, names[:first_fg], templates, device) if first_fg else
-                    self.fg[:0])
-        self.all = torch.cat([self.all, self.fg])  # row = class id
-        self.context = (text_classifier(model, tokenizer, data.context_names, templates, device)
-                        if data.context_names else self.fg[:0])
-        self.scale = float(model.scale().float()) if hasattr(model, "scale") else 100.0
 
-    # -- per task sums
-    def run(self, task: str, samples: list[Sample]) -> dict:
-        if task == "cls":
-            return self._classify(samples)
-        if task in ("robust-matched", "robust-swapped"):
-            out = self._classify(samples)
-            return {"correct": out["correct"], "labels": out["labels"]}
-        if task == "seg":
-            return self._segment(samples)
-        if task == "unsup":
-            return self._group(samples)
-        raise ValueError(f"unknown task {task!r}")
+def check_settings(cfg: EvalConfig, data: EvalSet) -> dict:
+    """Check on the driver, before any worker loads a model, the settings every Evaluator will use
+    (templates, background mode); -> the ones a report names."""
+    resolve_templates(cfg, data)
+    return {"background": background_mode(cfg, data), "pca_components": cfg.pca_components}
 
-    def _classify(self, samples: list[Sample]) -> dict:
-        tensors = [prepare(s.image, self.train_size, self.patch, crop=True) for s in samples]
-        logits = []
-        for _, batch in _same_shape_batches(tensors, self.cfg.batch_size):
-            logits.append(image_embeddings(self.model, batch.to(self.device)) @ self.fg.T)
-        logits = torch.cat(logits).cpu().numpy() if logits else np.zeros((0, len(self.fg_ids)))
-        fg = np.asarray(self.fg_ids)
-        labels = [[self.fg_ids.index(l) for l in s.labels if l in self.fg_ids] for s in samples]
-        hits = metrics.topk_hits(logits, labels, (1, 5))
-        top1 = fg[logits.argmax(1)] if len(logits) else np.zeros(0, int)
-        first = [s.labels[0] if s.labels else -1 for s in samples]
-        return {"hits1": hits[1], "hits5": hits[5], "rows": len(samples),
-                "correct": [int(p == l) for p, l in zip(top1.tolist(), first)], "labels": first}
 
-    def _dense(self, samples: list[Sample]):
-        tensors = [prepare(s.image, self.resolution, self.patch, crop=False) for s in samples]
-        for start, batch in _same_shape_batches(tensors, self.cfg.batch_size):
-            dense = dense_embeddings(self.model, batch.to(self.device))
-            for j in range(dense.shape[0]):
-                yield samples[start + j], dense[j]
-
-    def predict(self, sample: Sample, dense: torch.Tensor) -> np.ndarray:
-        """[H, W] class ids at the mask's (or image's) size."""
-        size = sample.mask.shape if sample.mask is not None else sample.image.shape[:2]
-        classifier = self.fg if self.background == "threshold" else self.all
-        scores = score_maps(dense, classifier, tuple(size))
-        return label_map(scores, self.background, self.cfg.bg_threshold, self.scale).cpu().numpy()
-
-    def _segment(self, samples: list[Sample]) -> dict:
-        conf = np.zeros((len(self.data.class_names),) * 2, np.int64)
-        for sample, dense in self._dense(samples):
-            if sample.mask is None:
-                raise EvalDataError(f"row {sample.key}: no mask; the seg task needs a mask for every row")
-            conf += metrics.confusion(self.predict(sample, dense), sample.mask, len(self.data.class_names))
-        return {"confusion": conf}
-
-    def groups(self, sample: Sample, dense: torch.Tensor) -> np.ndarray:
-        size = sample.mask.shape if sample.mask is not None else sample.image.shape[:2]
-        return upsample_nearest(pca_groups(dense, self.cfg.pca_components), tuple(size))
-
-    def _group(self, samples: list[Sample]) -> dict:
-        ious = []
-        for sample, dense in self._dense(samples):
-            segments = sample.instances if sample.instances is not None else sample.mask
-            if segments is None:
-                raise EvalDataError(f"row {sample.key}: no instance or class mask for the unsup task")
-            ious += metrics.matched_jaccard(self.groups(sample, dense), segments)
-        return {"ious": ious}
-
-    def context_map(self, sample: Sample, dense: torch.Tensor) -> np.ndarray:
-        """Per-location argmax over the classes and the context names (the paper's Figure 4a):
-        ids 0..F-1 = foreground classes, F.. = contexts."""
-        scores = score_maps(dense, torch.cat([self.fg, self.context]), tuple(sample.image.shape[:2]))
-        return scores.argmax(0).cpu().numpy()
-
-    # -- pictures
-    def pictures(self, task: str, samples: list[Sample]) -> list[dict]:
-        out = []
-        for sample, dense in self._dense(samples):
-            item = {"key": sample.key, "image": sample.image, "truth": sample.mask}
-            if task == "robust":
-                item["pred"] = self.context_map(sample, dense)
-            else:
-                item["pred"] = self.predict(sample, dense)
-                item["groups"] = self.groups(sample, dense)
-            out.append(item)
-        return out
+def foreground_ids(data: EvalSet) -> list[int]:
+    """The class ids an image can be classified as: all but background (id 0 where there is one)."""
+    return list(range(1 if data.has_background else 0, len(data.class_names)))
 
 
 def device_for(use_gpu: bool | None) -> torch.device:
@@ -254,5 +165,65 @@ def device_for(use_gpu: bool | None) -> torch.device:
     return torch.device("cuda" if use_gpu else "cpu")
 
 
-def accuracy(hits: int, rows: int) -> float:
-    return 100.0 * hits / rows if rows else math.nan
+# ------------------------------------------------------------------------------- the evaluator
+
+class Evaluator:
+    """Holds one model and the class embeddings of one dataset; the tasks evaluate shards with it."""
+
+    def __init__(self, model, tokenizer, data: EvalSet, cfg: EvalConfig, device: torch.device,
+                 train_size: int, patch: int, templates: list[str]):
+        self.model, self.tokenizer, self.data, self.cfg, self.device = model, tokenizer, data, cfg, device
+        self.train_size, self.patch = train_size, patch
+        self.resolution = cfg.resolution or 2 * train_size
+        self.background = background_mode(cfg, data)
+        names = data.class_names
+        self.fg_ids = foreground_ids(data)  # classification never predicts background
+        first_fg = len(names) - len(self.fg_ids)  # background classes come first
+        self.fg = text_classifier(model, tokenizer, [names[i] for i in self.fg_ids], templates, device)  # [F, E]
+        self.all = (text_classifier(model, tokenizer, names[:first_fg], templates, device) if first_fg else
+                    self.fg[:0])
+        self.all = torch.cat([self.all, self.fg])  # [C, E], row = class id
+        self.context = (text_classifier(model, tokenizer, data.context_names, templates, device)
+                        if data.context_names else self.fg[:0])
+        self.scale = float(model.scale().float()) if hasattr(model, "scale") else 100.0
+
+    def fg_logits(self, samples: list[Sample]) -> np.ndarray:
+        """Each center-cropped image against the foreground classes: [N, F], column j = class fg_ids[j]."""
+        tensors = [prepare(s.image, self.train_size, self.patch, crop=True) for s in samples]
+        logits = [image_embeddings(self.model, batch.to(self.device)) @ self.fg.T
+                  for _, batch in _same_shape_batches(tensors, self.cfg.batch_size)]
+        return torch.cat(logits).cpu().numpy() if logits else np.zeros((0, len(self.fg_ids)))
+
+    def dense(self, samples: list[Sample]) -> Iterator[tuple[Sample, torch.Tensor]]:
+        """Yields (sample, its dense features [h, w, E]) at the evaluation resolution, in order."""
+        tensors = [prepare(s.image, self.resolution, self.patch, crop=False) for s in samples]
+        for start, batch in _same_shape_batches(tensors, self.cfg.batch_size):
+            dense = dense_embeddings(self.model, batch.to(self.device))
+            for j in range(dense.shape[0]):
+                yield samples[start + j], dense[j]
+
+    def predict(self, sample: Sample, dense: torch.Tensor) -> np.ndarray:
+        """[H, W] class ids at the mask's (or image's) size, under the background mode."""
+        classifier = self.fg if self.background == "threshold" else self.all
+        scores = score_maps(dense, classifier, _label_size(sample))
+        return label_map(scores, self.background, self.cfg.bg_threshold, self.scale).cpu().numpy()
+
+    def groups(self, sample: Sample, dense: torch.Tensor) -> np.ndarray:
+        """[H, W] unsupervised group ids (PCA of the dense map) at the mask's (or image's) size."""
+        return upsample_nearest(pca_groups(dense, self.cfg.pca_components), _label_size(sample))
+
+
+def _label_size(sample: Sample) -> tuple[int, int]:
+    return tuple(sample.mask.shape if sample.mask is not None else sample.image.shape[:2])
+
+
+def build_evaluator(checkpoint: str, data: EvalSet, cfg: EvalConfig, device: torch.device | None = None) -> Evaluator:
+    """Load a handoff checkpoint onto `device` and embed the dataset's class names."""
+    from clippy_ray.model.handoff import load_handoff
+
+    model, model_cfg, tokenizer = load_handoff(checkpoint)
+    device = device or device_for(cfg.use_gpu)
+    model.to(device)
+    with torch.no_grad():
+        return Evaluator(model, tokenizer, data, cfg, device, model_cfg.model.image.img_size,
+                         model.image.patch_size[0], resolve_templates(cfg, data))
