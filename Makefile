@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints/cpu.txt
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Unit tests only (no Ray, DeepSpeed, S3 server or subprocess): under a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/clippy-ray demo --config configs/demo.yaml $(DEMO_ARGS)

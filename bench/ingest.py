@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--footer-readers", type=int, default=DataConfig.footer_readers)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    init_ray(quiet=True)
+    init_ray()
     data = DataConfig(decode_batch_size=args.decode_batch_size, block_mib=args.block_mib,
                       shuffle_buffer=args.shuffle_buffer, decode_cpus=args.decode_cpus, read_cpus=args.read_cpus,
                       footer_readers=args.footer_readers)

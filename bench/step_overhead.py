@@ -98,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     base = config.load(args.config, ["train.num_workers=1", f"train.global_batch_size={args.batch}",
                                      "train.precision=fp32", "train.grad_accum_steps=1"])
-    init_ray(quiet=True)
+    init_ray()
     bare = statistics.median(bare_steps(base, args.batch, args.steps))
     print(f"model {args.config}, batch {args.batch}, fp32, {threads} threads, median of {args.steps} steps")
     print(f"bare PyTorch loop:                 {bare * 1e3:7.1f} ms/step")

@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from clippy_ray import __version__
+from clippy_ray.errors import UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. model.aggregation=avg loss.chunk_size=4096")
+
+
+@contextlib.contextmanager
+def _ray_session(args: argparse.Namespace, folder: str | None):
+    """Library logs to `<folder>/logs/` (quiet console unless --verbose), Ray started or joined;
+    yields the Console that shows progress."""
+    from clippy_ray.console import Console, run_logs
+    from clippy_ray.ray_init import init_ray
+
+    verbose = getattr(args, "verbose", False)
+    with run_logs(folder, verbose) as logs:
+        init_ray(verbose=verbose)
+        console = Console()
+        yield console
+        console.line(f"logs (this command's and Ray's): {logs}")
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's own output (worker logs, Ray Data progress bars) on the console too")
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -51,12 +73,11 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_data_make_benchmark(args: argparse.Namespace) -> int:
     from clippy_ray.data.benchmark import BenchmarkSpec
     from clippy_ray.data.commands import make_benchmark
-    from clippy_ray.ray_init import init_ray
 
-    init_ray()
     spec = BenchmarkSpec(seed=args.seed, image_size=args.image_size, image_format=args.format,
                          spurious_p=args.spurious_p)
-    meta = make_benchmark(args.out, args.rows, args.eval_rows, spec, args.rows_per_shard)
+    with _ray_session(args, None):  # logs in the cache: the output folder holds data only
+        meta = make_benchmark(args.out, args.rows, args.eval_rows, spec, args.rows_per_shard)
     print(f"wrote {sum(meta['rows'].values())} rows to {args.out}: "
           + ", ".join(f"{k} {v}" for k, v in meta["rows"].items()))
     return 0
@@ -76,44 +97,42 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from clippy_ray.data.commands import convert
-    from clippy_ray.ray_init import init_ray
 
-    init_ray()
-    report = convert(args.index, args.out, args.image_root, args.rows_per_shard, args.path_column,
-                     args.caption_column)
+    with _ray_session(args, None):
+        report = convert(args.index, args.out, args.image_root, args.rows_per_shard, args.path_column,
+                         args.caption_column)
     print(f"{report['index']}: {report['rows']} rows -> {report['written']} written to {report['out']}, "
           f"{report['skipped']} skipped (missing or undecodable image, or empty caption)")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from clippy_ray import config
-    from clippy_ray.ray_init import init_ray
+    from clippy_ray import config, storage
     from clippy_ray.model.handoff import HANDOFF_DIR
     from clippy_ray.train.trainer import checkpoint_uri, fit
 
     cfg = config.load(args.config, args.overrides)
-    init_ray()
-    result = fit(cfg, init_from=args.init_from, init_mode=args.from_mode)
-    uri = checkpoint_uri(cfg, result)
-    if uri is not None:
-        print(f"[clippy-ray] final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in (result.metrics or {}).items()
-                                                          if isinstance(v, (int, float))))
-        print(f"[clippy-ray] checkpoint: {uri}")
-        print(f"[clippy-ray] handoff model (eval / segment): {uri}/{HANDOFF_DIR}")
+    with _ray_session(args, storage.join(cfg.train.storage, cfg.train.run_name)) as console:
+        console.line(f"config: {args.config or 'defaults'}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
+        result = fit(cfg, init_from=args.init_from, init_mode=args.from_mode, console=console)
+        uri = checkpoint_uri(cfg, result)
+        if uri is not None:
+            console.line("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in (result.metrics or {}).items()
+                                                       if isinstance(v, (int, float))))
+            console.line(f"checkpoint: {uri}")
+            console.line(f"handoff model (eval / segment): {uri}/{HANDOFF_DIR}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from clippy_ray.eval import eval_config, run_eval, summary_line
-    from clippy_ray.ray_init import init_ray
 
     flags = {"tasks": args.tasks.split(",") if args.tasks else None, "workers": args.workers,
              "resolution": args.resolution, "max_rows": args.max_rows}
     cfg = eval_config(args.checkpoint, args.overrides, {k: v for k, v in flags.items() if v is not None})
-    init_ray()
-    report = run_eval(args.checkpoint, args.data, cfg, args.out, args.format, args.classes)
-    print(f"[clippy-ray] {summary_line(report['results'])}")
+    with _ray_session(args, args.out) as console:
+        report = run_eval(args.checkpoint, args.data, cfg, args.out, args.format, args.classes, log=console.line)
+        console.line(summary_line(report["results"]))
     return 0
 
 
@@ -129,14 +148,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from clippy_ray import storage
-    from clippy_ray.ray_init import init_ray
     from clippy_ray.tune.grid import load_sweep
     from clippy_ray.tune.results import markdown_table
     from clippy_ray.tune.sweep import run_sweep
 
     sweep, trials = load_sweep(args.config, args.overrides)
-    init_ray()
-    rows = run_sweep(sweep, trials)
+    with _ray_session(args, storage.join(sweep.storage, sweep.name)):
+        rows = run_sweep(sweep, trials)
     print(markdown_table(sweep, rows), end="")
     print(f"[clippy-ray] results: {storage.join(sweep.storage, sweep.name, 'results.md')} (+ results.json, results.png)")
     failed = [r["label"] for r in rows if r["status"].startswith("error") or r["status"] == "not run"]
@@ -147,13 +165,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from clippy_ray import config
+    from clippy_ray import config, storage
     from clippy_ray.demo import print_summary, run_demo
-    from clippy_ray.ray_init import init_ray
 
     cfg = config.load(args.config, args.overrides)
-    init_ray()
-    print_summary(run_demo(cfg, rows=args.rows))
+    with _ray_session(args, storage.join(cfg.train.storage, cfg.train.run_name)) as console:
+        print_summary(run_demo(cfg, console, rows=args.rows), console)
     return 0
 
 
@@ -169,6 +186,7 @@ def _add_data_parser(sub) -> None:
     p.add_argument("--format", choices=("png", "jpeg"), default="png")
     p.add_argument("--spurious-p", type=float, default=0.95, help="class/background co-occurrence in train-spurious")
     p.add_argument("--rows-per-shard", type=int, default=500)
+    _add_verbose(p)
     p.set_defaults(func=cmd_data_make_benchmark)
     p = dsub.add_parser("inspect", help="row count, columns, captions, how many images decode")
     p.add_argument("uri")
@@ -183,6 +201,7 @@ def _add_data_parser(sub) -> None:
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--path-column", default="path")
     p.add_argument("--caption-column", default="caption")
+    _add_verbose(p)
     p.set_defaults(func=cmd_data_convert)
 
 
@@ -206,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from this checkpoint URI (ignored when the run already has checkpoints)")
     p.add_argument("--from-mode", choices=("weights", "full"), default="weights",
                    help="weights only, or the full state (optimizer, schedule, step) of --from")
+    _add_verbose(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="zero-shot cls / seg, unsupervised grouping, robustness (parallel Ray tasks)")
     p.add_argument("--checkpoint", required=True, help="handoff checkpoint (a training checkpoint or its model/ folder)")
@@ -218,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="segmentation short side in px (default: 2 x train size)")
     p.add_argument("--max-rows", type=int, help="evaluate only the first N rows of each split")
     p.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.background=threshold")
+    _add_verbose(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("segment", help="one picture: image | zero-shot label map | unsupervised groups")
     p.add_argument("--checkpoint", required=True)
@@ -228,16 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", type=int, default=8, help="unsupervised groups (PCA components)")
     p.add_argument("--templates", default="clip", help="prompt templates: clip, simple, benchmark or a file")
     p.set_defaults(func=cmd_segment)
-    p = sub.add_parser("tune", help="the ablation sweep: Ray Tune over aggregation x init x token sub-sampling")
+    p = sub.add_parser("tune", help="a sweep (the ablation): Ray Tune over any config keys and the paper's presets")
     p.add_argument("--config", required=True, help="sweep YAML (configs/ablation_demo.yaml, configs/ablation.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="sweep keys, e.g. max_concurrent_trials=2")
+    _add_verbose(p)
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("demo", help="benchmark -> train the tiny CLIPpy -> handoff checkpoint (make demo)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--rows", type=int, default=2000, help="benchmark train rows to generate if missing")
+    p.add_argument("--rows", type=int, default=6000, help="benchmark train rows to generate if missing")
+    _add_verbose(p)
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _one_line(err: BaseException) -> str:
+    """A user error's message; a Ray task error carries the original exception as its cause."""
+    cause = getattr(err, "cause", None)
+    return str(cause if isinstance(cause, UserError) else err).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,18 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from clippy_ray.config import ConfigError
-    from clippy_ray.storage import StorageError
-
     try:
         return args.func(args)
-    except (ConfigError, StorageError, ValueError, FileNotFoundError) as err:  # incl. DataSchemaError
-        print(f"clippy-ray: {err}", file=sys.stderr)
+    except UserError as err:  # a person's mistake: one line. Anything else is a bug: its traceback.
+        print(f"clippy-ray: {_one_line(err)}", file=sys.stderr)
         return 2
-    except Exception as err:  # a failed Ray Train run: its workers' tracebacks are already printed
-        if type(err).__module__.startswith("ray.train"):
+    except Exception as err:
+        if type(err).__module__.startswith("ray.train"):  # a failed run: the workers' errors, then one line
+            print(str(err).strip(), file=sys.stderr)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"clippy-ray: training failed: {first} (worker tracebacks above)", file=sys.stderr)
+            print(f"clippy-ray: training failed: {first}", file=sys.stderr)
             return 1
         raise
 

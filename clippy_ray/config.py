@@ -15,8 +15,10 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
+from clippy_ray.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """Invalid configuration; the message has one line per bad field."""
 
     def __init__(self, errors: list[str]):
@@ -26,7 +28,7 @@ class ConfigError(ValueError):
 
 
 AGGREGATIONS = ("max", "avg", "cls")
-MATMUL_DTYPES = ("bfloat16", "float32")
+MATMUL_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass
@@ -94,7 +96,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    matmul_dtype: str = "bfloat16"  # logits matmul dtype; softmax is always float32
+    matmul_dtype: str = "auto"  # logits matmul dtype (auto: the training precision); softmax is always float32
     chunk_size: int | None = None  # columns per chunk (bounds peak memory at large global batch)
 
     def check(self, path: str) -> list[str]:
@@ -145,7 +147,7 @@ class DataConfig:
 
 
 OPTIMIZERS = ("adamw", "lamb")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -171,7 +173,7 @@ class TrainConfig:
     global_batch_size: int = 64  # pairs per optimizer step, over all workers and accumulation
     grad_accum_steps: int = 1
     steps: int = 1000  # optimizer steps
-    precision: str = "bf16"
+    precision: str = "auto"  # auto: bf16 where the device runs it natively (CUDA, AVX512-BF16/AMX), else fp32
     zero_stage: int = 2
     optimizer: str = "adamw"
     lr: float = 5e-4

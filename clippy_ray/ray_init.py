@@ -1,23 +1,34 @@
 """Connect to Ray the same way everywhere: the cluster in RAY_ADDRESS (as `ray job submit` sets),
-or a local one."""
+or a local one. Quiet by default: Ray's own logging goes wherever the root logger goes (the run's
+log file, see `console.run_logs`), workers' output stays in Ray's log files, no Ray Data bars."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
     import ray
+    from ray.data import DataContext
 
     if ray.is_initialized():
         return
-    kwargs: dict = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "WARNING"}
+    # Ray's import-time handler prints straight to stderr (the token-authentication notice on every
+    # start, for one); hand its records to the root logger instead.
+    ray_logger = logging.getLogger("ray")
+    if not verbose:
+        ray_logger.handlers = []
+        ray_logger.propagate = True  # else logging's last-resort handler prints its warnings anyway
+    kwargs: dict = {"log_to_driver": verbose, "configure_logging": verbose,
+                    "logging_level": "INFO" if verbose else "WARNING"}
     if os.environ.get("RAY_ADDRESS"):
         kwargs["address"] = os.environ["RAY_ADDRESS"]
     else:
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
     ray.init(**kwargs)
-    if quiet:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
+    if not verbose:
+        ray_logger.handlers = []
+        ray_logger.propagate = True
+    # Datasets copy this context when they are made, so the bars stay off in Ray's own actors too.
+    DataContext.get_current().enable_progress_bars = verbose

@@ -15,10 +15,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from clippy_ray.errors import UserError
+
 S3_MAX_ATTEMPTS = 5  # bounded retries for transient S3 failures (AWS standard retry strategy)
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A storage location that cannot be used, with the URI and what to check."""
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from clippy_ray import _compat, storage
 from clippy_ray.config import TextConfig
+from clippy_ray.errors import InputError
 
 
 class Tokenizer:
@@ -50,6 +51,6 @@ def build_tokenizer(cfg: TextConfig) -> Tokenizer:
     try:
         hf = loader.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ValueError(f"model.text.tokenizer={cfg.tokenizer!r}: not a tokenizer folder ({err}); "
+        raise InputError(f"model.text.tokenizer={cfg.tokenizer!r}: not a tokenizer folder ({err}); "
                          "use 'byte' or a folder with tokenizer.json or spiece.model") from None
     return Tokenizer(hf, cfg.max_length)

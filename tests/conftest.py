@@ -17,6 +17,17 @@ TINY = [
 ]
 
 
+# Tests that need one of these are integration tests (`make test`); the rest are unit tests
+# (`make test-fast`: pure Python, torch, timm, transformers; the whole set in under a minute).
+INTEGRATION_FIXTURES = {"ray_local", "s3_server", "bucket"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
 def tiny_config(*overrides: str) -> config.Config:
     """A 2-layer ViT and a 2-layer T5 with the byte tokenizer."""
     return config.load(None, TINY + list(overrides))

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent
 
 
@@ -25,12 +27,14 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback():
     assert out.stderr.strip() == "clippy-ray: config error: model.aggregation: 'maxx' is not one of max, avg, cls"
 
 
+@pytest.mark.integration  # a fresh interpreter importing torch, timm, transformers (and DeepSpeed)
 def test_model_command_builds_the_demo_model():
     out = run("model", "--config", "configs/demo.yaml")
     assert out.returncode == 0, out.stderr
     assert "64px -> 8x8 feature map, aggregation=max" in out.stdout
 
 
+@pytest.mark.integration  # a fresh interpreter importing torch, timm, transformers (and DeepSpeed)
 def test_cpu_workarounds_make_timm_and_transformers_importable_and_skip_the_shm_build():
     code = ("from clippy_ray._compat import patch_torchvision_ops, skip_deepspeed_shm_op\n"
             "import torch\n"
@@ -48,3 +52,25 @@ def test_cpu_workarounds_make_timm_and_transformers_importable_and_skip_the_shm_
     import torch
 
     assert out.stdout.strip().splitlines()[-1] == ("native" if torch.cuda.is_available() else "patched")
+
+
+def test_a_users_mistake_is_one_line_and_a_bug_in_the_library_keeps_its_traceback(monkeypatch, capsys):
+    from clippy_ray import cli, config
+
+    assert cli.main(["config", "model.aggregation=maxx"]) == 2
+    assert capsys.readouterr().err.strip().startswith("clippy-ray: config error: model.aggregation")
+
+    def broken(*args, **kwargs):
+        raise KeyError("an internal bug")
+
+    monkeypatch.setattr(config, "load", broken)
+    with pytest.raises(KeyError, match="an internal bug"):  # not swallowed into a one-line "user error"
+        cli.main(["config"])
+
+
+@pytest.mark.integration  # a fresh interpreter building a model
+def test_a_model_name_that_is_not_a_vit_is_one_line():
+    out = run("model", "model.image.name=resnet18")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clippy-ray: model.image.name='resnet18'"), lines

@@ -23,7 +23,7 @@ def test_yaml_plus_dotted_overrides_fill_the_dataclasses(tmp_path):
     (["model.embed_dim=wide"], "model.embed_dim: expected int, got 'wide'"),
     (["model.token_keep_ratio=1.5"], "model.token_keep_ratio: 1.5 must be in (0, 1]"),
     (["model.token_keep_ratio=0.5", "model.token_keep_count=10"], "set one, not both"),
-    (["loss.matmul_dtype=fp8"], "loss.matmul_dtype: 'fp8' is not one of bfloat16, float32"),
+    (["loss.matmul_dtype=fp8"], "loss.matmul_dtype: 'fp8' is not one of auto, bfloat16, float32"),
     (["model.image.timm_kwargs={num_classes: 10}"], "model.image.timm_kwargs.num_classes: set by clippy-ray"),
     (["data.footer_readers=0"], "data.footer_readers: 0 must be >= 1"),
     (["aggregation"], "overrides are key=value"),

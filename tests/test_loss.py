@@ -101,6 +101,7 @@ def _two_rank_worker(rank: int, world: int, port: int, chunk_size, out_dir: str)
         dist.destroy_process_group()
 
 
+@pytest.mark.integration  # two spawned gloo processes
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_two_gloo_ranks_match_the_single_process_loss_on_the_concatenated_batch(tmp_path, chunk_size):
     mp.spawn(_two_rank_worker, args=(2, _free_port(), chunk_size, str(tmp_path)), nprocs=2, join=True)

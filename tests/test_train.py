@@ -21,6 +21,8 @@ from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.integration  # DeepSpeed engines, Ray Train runs, gloo process groups
+
 
 def _free_port() -> int:
     with socket.socket() as s:

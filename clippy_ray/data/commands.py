@@ -18,6 +18,7 @@ import ray
 from clippy_ray import storage
 from clippy_ray.data import benchmark
 from clippy_ray.data.schema import check_columns, image_bytes
+from clippy_ray.errors import InputError
 
 BENCHMARK_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("mask", pa.binary()),
@@ -81,6 +82,12 @@ def _parquet_dataset(uri: str) -> pads.Dataset:
         raise storage.StorageError(f"{uri}: {str(err).strip().splitlines()[0]}") from None
 
 
+def parquet_size(uri: str) -> tuple[int, int]:
+    """(rows, files) of a parquet file or folder, from the footers alone."""
+    ds = _parquet_dataset(uri)
+    return ds.count_rows(), len(ds.files)
+
+
 def inspect(uri: str, image_column: str = "image", caption_column: str = "caption", sample: int = 256) -> dict:
     """Row count (from parquet metadata), columns, a few captions, and how many of the first
     `sample` images decode."""
@@ -141,11 +148,11 @@ def convert(index: str, out: str, image_root: str | None = None, rows_per_shard:
     columns = ds.schema().names
     for col in (path_column, caption_column):
         if col not in columns:
-            raise ValueError(f"{index}: no column {col!r} in the index; columns found: {', '.join(columns)} "
+            raise InputError(f"{index}: no column {col!r} in the index; columns found: {', '.join(columns)} "
                              "(the first line must be a header naming the image path and caption columns)")
     out_fs, out_path = storage.resolve(out)
     if storage.exists(out) and out_fs.get_file_info(pa.fs.FileSelector(out_path, recursive=True)):
-        raise ValueError(f"{out}: not empty; convert writes into an empty location")
+        raise InputError(f"{out}: not empty; convert writes into an empty location")
     total = ds.count()
     good = ds.map_batches(_read_images, fn_kwargs=dict(root=root, path_column=path_column,
                                                        caption_column=caption_column),

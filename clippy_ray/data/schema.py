@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from clippy_ray.errors import UserError
 
-class DataSchemaError(ValueError):
+
+class DataSchemaError(UserError, ValueError):
     """A dataset whose columns cannot be used; the message lists the columns found."""
 
 

@@ -20,12 +20,13 @@ from PIL import Image
 from clippy_ray import storage
 from clippy_ray.data import benchmark
 from clippy_ray.data.schema import image_bytes
+from clippy_ray.errors import UserError
 from clippy_ray.eval.metrics import IGNORE
 
 FORMATS = ("benchmark", "voc", "ade20k", "waterbirds", "parquet")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """A dataset that cannot serve the requested evaluation; the message names the fix."""
 
 

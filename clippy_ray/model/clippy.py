@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from clippy_ray.config import ModelConfig
+from clippy_ray.errors import InputError
 from clippy_ray.model.image import ImageTower
 from clippy_ray.model.pretrained import load_image_backbone, load_text_encoder
 from clippy_ray.model.text import TextTower, encoder_from_config, text_config
@@ -73,6 +74,6 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, load_pretrained: bool = Tr
         encoder = encoder_from_config(text_config(cfg.text, vocab_size))
     text = TextTower(encoder, cfg.embed_dim)
     if text.vocab_size < vocab_size:
-        raise ValueError(f"model.text: the tokenizer has {vocab_size} tokens but the text encoder embeds only "
+        raise InputError(f"model.text: the tokenizer has {vocab_size} tokens but the text encoder embeds only "
                          f"{text.vocab_size}; use the tokenizer the encoder was trained with (model.text.tokenizer)")
     return CLIPpy(image, text, cfg.init_temperature, cfg.max_logit_scale)

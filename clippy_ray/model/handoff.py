@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from clippy_ray import config, storage
+from clippy_ray.errors import InputError
 from clippy_ray.model.clippy import CLIPpy, build_model
 from clippy_ray.model.pretrained import load_strict
 from clippy_ray.tokenizer import Tokenizer, build_tokenizer
@@ -62,7 +63,7 @@ def load_handoff(uri: str) -> tuple[CLIPpy, config.Config, Tokenizer]:
     if (folder / HANDOFF_DIR / WEIGHTS).exists():
         folder = folder / HANDOFF_DIR
     if not (folder / WEIGHTS).exists():
-        raise FileNotFoundError(f"{uri}: no {WEIGHTS} (expected a handoff folder or a checkpoint with {HANDOFF_DIR}/)")
+        raise InputError(f"{uri}: no {WEIGHTS} (expected a handoff folder or a checkpoint with {HANDOFF_DIR}/)")
     from transformers import AutoConfig
 
     cfg = config.from_dict(yaml.safe_load((folder / CONFIG).read_text()))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from clippy_ray.config import ImageConfig
+from clippy_ray.errors import InputError
 
 
 def aggregate(patches: torch.Tensor, cls: torch.Tensor | None, mode: str) -> torch.Tensor:
@@ -40,11 +41,11 @@ class ImageTower(nn.Module):
             self.vit = timm.create_model(cfg.name, pretrained=False, num_classes=0, dynamic_img_size=True,
                                          img_size=cfg.img_size, **cfg.timm_kwargs)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"model.image.name={cfg.name!r} with timm_kwargs={cfg.timm_kwargs}: {err}") from None
+            raise InputError(f"model.image.name={cfg.name!r} with timm_kwargs={cfg.timm_kwargs}: {err}") from None
         if not all(hasattr(self.vit, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm")):
-            raise ValueError(f"model.image.name={cfg.name!r} is not a timm VisionTransformer")
+            raise InputError(f"model.image.name={cfg.name!r} is not a timm VisionTransformer")
         if aggregation == "cls" and getattr(self.vit, "cls_token", None) is None:
-            raise ValueError(f"model.aggregation='cls' but {cfg.name!r} has no class token")
+            raise InputError(f"model.aggregation='cls' but {cfg.name!r} has no class token")
         self.patch_size = tuple(self.vit.patch_embed.patch_size)
         self.num_prefix = self.vit.num_prefix_tokens
         self.has_cls = getattr(self.vit, "cls_token", None) is not None
@@ -57,7 +58,7 @@ class ImageTower(nn.Module):
         h, w = images.shape[-2:]
         ph, pw = self.patch_size
         if h % ph or w % pw:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
+            raise InputError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
                              f"resize to e.g. {h // ph * ph}x{w // pw * pw}")
         return h // ph, w // pw
 

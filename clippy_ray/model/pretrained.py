@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 from clippy_ray import storage
+from clippy_ray.errors import UserError
 from clippy_ray.model.text import encoder_from_config
 
 # Keys that hold the whole model inside common checkpoint wrappers (DINO: teacher/student).
@@ -21,7 +22,7 @@ _IMAGE_PREFIXES = ("module.", "backbone.", "encoder.")
 _MAX_LISTED = 12
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
     """A checkpoint that does not fit the model, with the keys that disagree."""
 
 

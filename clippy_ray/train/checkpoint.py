@@ -1,16 +1,12 @@
 """The DeepSpeed side of a training checkpoint: the shards that resume uses live in
 `<checkpoint>/ds/`; the handoff model beside them (`<checkpoint>/model/`) is written with
-`clippy_ray.model.handoff`, whose names are re-exported here for the training loop."""
+`clippy_ray.model.handoff`."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
-
-from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff
-
-__all__ = ["DEEPSPEED_TAG", "HANDOFF_DIR", "export_handoff", "full_state_dict"]
 
 DEEPSPEED_TAG = "ds"
 

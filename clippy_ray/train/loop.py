@@ -12,13 +12,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from clippy_ray import config
+from clippy_ray import config, precision
+from clippy_ray.console import emitter
 from clippy_ray.data.pipeline import BatchStream
 from clippy_ray.data.transforms import normalize
 from clippy_ray.loss import ContrastiveLoss, gather_with_grad
 from clippy_ray.model import build_model
 from clippy_ray.tokenizer import build_tokenizer
-from clippy_ray.train.checkpoint import DEEPSPEED_TAG, HANDOFF_DIR, export_handoff, full_state_dict
+from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff
+from clippy_ray.train.checkpoint import DEEPSPEED_TAG, full_state_dict
 from clippy_ray.train.engine import build_engine
 from clippy_ray.train.progress import Progress
 
@@ -49,6 +51,19 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device, total: tupl
 def _next_batch(iterator, device):
     batch = next(iterator, None)
     return _all_true(batch is not None, device), batch
+
+
+def agree_precision(requested: str, device: torch.device) -> precision.Choice:
+    """train.precision resolved on every rank, the same everywhere (DeepSpeed needs one dtype):
+    bf16 only if every worker's device runs it natively."""
+    choice = precision.choose(requested, device)
+    if requested != "auto":
+        return choice
+    if _all_true(choice.precision == "bf16", device):
+        return choice
+    if choice.precision == "bf16":
+        return precision.Choice("fp32", "not every worker's device runs bf16 natively")
+    return choice
 
 
 def _inputs(batch: dict, device: torch.device, dtype: torch.dtype):
@@ -123,12 +138,16 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
 
-    # Build
+    # Build (precision first: the DeepSpeed config and the handoff's config record the resolved one)
+    choice = agree_precision(cfg.train.precision, device)
+    cfg.train.precision = choice.precision
+    loss_dtype = precision.matmul_dtype(cfg.loss.matmul_dtype, choice.precision)
+    cfg.loss.matmul_dtype = str(loss_dtype).removeprefix("torch.")
     tokenizer = build_tokenizer(cfg.model.text)
     model = build_model(cfg.model, tokenizer.vocab_size)
     engine = build_engine(model, cfg.train)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    loss_fn = ContrastiveLoss(getattr(torch, cfg.loss.matmul_dtype), cfg.loss.chunk_size)
+    dtype = choice.dtype
+    loss_fn = ContrastiveLoss(loss_dtype, cfg.loss.chunk_size)
 
     # Restore: this run's latest checkpoint, else the one given with --from
     state = TrainState()
@@ -146,7 +165,8 @@ def train_loop(loop_config: dict) -> None:
     stream = BatchStream(ray.train.get_dataset_shard("train"), cfg.train.micro_batch_size,
                          cfg.data.shuffle_buffer, seed=cfg.data.seed * 1_000_003 + rank)
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
-    progress = Progress(cfg, enabled=rank == 0, start_step=state.step)
+    progress = Progress(cfg, enabled=rank == 0, emit=emitter(loop_config.get("events")), start_step=state.step)
+    progress.start("GPU" if device.type == "cuda" else "CPU", choice.reason)
     accum, micro = cfg.train.grad_accum_steps, 0
     window = {"loss": 0.0, "n": 0}
     while state.step < cfg.train.steps:
@@ -187,6 +207,7 @@ def train_loop(loop_config: dict) -> None:
                 progress.log(state.step, metrics)
             if state.step % cfg.train.checkpoint_every == 0 or last:
                 save_checkpoint(engine, model, state, cfg, tokenizer, metrics)
+                progress.checkpoint(state.step)
             elif metrics:
                 ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
         if not got_any and not resumed_mid_epoch:

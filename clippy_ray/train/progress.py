@@ -1,16 +1,18 @@
-"""What a person follows: one line per log step on rank 0 (step, loss, images/s, ETA), and the
-same metrics to W&B on world rank 0 only (offline unless configured otherwise)."""
+"""What a person follows, made on rank 0: one event per log step (step, loss, images/s, ETA), one
+per validation, a start and an end; the driver's console shows them (`clippy_ray.console`). The
+same metrics go to W&B on world rank 0 only (offline unless configured otherwise)."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
+from collections.abc import Callable
 
 from clippy_ray import config, storage
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -28,13 +30,22 @@ def open_wandb(cfg: config.Config):
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", cfg.train.run_name)[:64]
     return wandb.init(project=wcfg.project, group=wcfg.group, name=cfg.train.run_name, id=run_id,
                       resume="allow", mode=wcfg.mode, dir=root, config=config.to_dict(cfg),
-                      settings=wandb.Settings(console="off"))  # metrics are logged; don't echo stdout
+                      settings=wandb.Settings(console="off", silent=True))  # metrics are logged; don't echo
+
+
+_STEP_FIELDS = (("loss", "loss {:.4f}"), ("temperature", "temp {:.4f}"), ("lr", "lr {:.2e}"),
+                ("images_per_s", "{:.1f} img/s"), ("data_wait_frac", "data wait {:.0%}"),
+                ("rows_skipped", "skipped {:.0f}"))
 
 
 class Progress:
-    def __init__(self, cfg: config.Config, enabled: bool, start_step: int = 0):
+    """Rank 0's events; every other rank's calls are no-ops. `emit` sends one event dict
+    ({kind, text, step, total, status}) to whoever shows it."""
+
+    def __init__(self, cfg: config.Config, enabled: bool, emit: Callable[[dict], None], start_step: int = 0):
         self.cfg = cfg
         self.enabled = enabled
+        self.emit = emit
         self.total = cfg.train.steps
         self.start_step = start_step
         self.started = time.perf_counter()
@@ -42,11 +53,18 @@ class Progress:
         self.window_images = 0
         self.window_wait = 0.0
         self.wandb = open_wandb(cfg) if enabled and cfg.train.wandb.mode != "disabled" else None
-        if enabled:
-            resumed = f", resuming at step {start_step}" if start_step else ""
-            print(f"[clippy-ray] run {cfg.train.run_name}: {self.total} steps, global batch "
-                  f"{cfg.train.global_batch_size}, {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage} "
-                  f"{cfg.train.precision}{resumed}", flush=True)
+
+    def _send(self, kind: str, text: str, step: int, status: str = "") -> None:
+        if self.enabled:
+            self.emit({"kind": kind, "text": text, "step": step, "total": self.total, "status": status})
+
+    def start(self, device: str, precision_reason: str) -> None:
+        t = self.cfg.train
+        resumed = f", resuming at step {self.start_step}" if self.start_step else ""
+        self._send("start", f"run {t.run_name}: {self.total} steps of {t.global_batch_size} pairs on {t.num_workers} "
+                            f"{device} worker(s), ZeRO-{t.zero_stage}{resumed}", self.start_step)
+        self._send("start", f"precision {t.precision} ({precision_reason}); loss matmul {self.cfg.loss.matmul_dtype}, "
+                            "softmax float32", self.start_step)
 
     def data_wait(self, seconds: float) -> None:
         self.window_wait += seconds
@@ -67,19 +85,22 @@ class Progress:
             return
         done = step - self.start_step
         eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
-        parts = [f"step {step}/{self.total}"]
-        for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_i2t_top1", "val_i2t {:.3f}"),
-                         ("temperature", "temp {:.4f}"), ("lr", "lr {:.2e}"), ("images_per_s", "{:.1f} img/s"),
-                         ("data_wait_frac", "data wait {:.0%}"), ("rows_skipped", "skipped {:.0f}")):
-            if key in metrics:
-                parts.append(fmt.format(metrics[key]))
-        parts.append(f"ETA {_duration(eta)}")
-        print("[clippy-ray] " + " | ".join(parts), flush=True)
+        fields = [fmt.format(metrics[key]) for key, fmt in _STEP_FIELDS if key in metrics]
+        if "loss" in metrics:
+            self._send("step", " | ".join([f"step {step}/{self.total}", *fields, f"ETA {duration(eta)}"]), step,
+                       status=" | ".join(fields[:1] + fields[3:4]))
+        if "val_loss" in metrics:
+            self._send("val", f"step {step}/{self.total} validation: loss {metrics['val_loss']:.4f}, retrieval "
+                              f"top-1 image->text {metrics.get('val_i2t_top1', float('nan')):.3f} / text->image "
+                              f"{metrics.get('val_t2i_top1', float('nan')):.3f} over "
+                              f"{metrics.get('val_pairs', 0):.0f} pairs", step)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def checkpoint(self, step: int) -> None:
+        self._send("checkpoint", f"step {step}/{self.total} checkpoint saved", step)
+
     def finish(self) -> None:
-        if self.enabled:
-            print(f"[clippy-ray] done in {_duration(time.perf_counter() - self.started)}", flush=True)
+        self._send("done", f"training done in {duration(time.perf_counter() - self.started)}", self.total)
         if self.wandb is not None:
             self.wandb.finish()

@@ -3,9 +3,12 @@ Running again with the same run name and storage resumes from the latest checkpo
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from clippy_ray import config, storage
+from clippy_ray.console import EventQueue
+from clippy_ray.errors import InputError
 from clippy_ray.data.pipeline import build_dataset
 
 
@@ -25,9 +28,32 @@ def checkpoint_uri(cfg: config.Config, result) -> str | None:
     return f"s3://{path}" if storage.is_s3(cfg.train.storage) else path
 
 
-def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights", callbacks: list | None = None):
+def describe(cfg: config.Config) -> list[str]:
+    """The start-up summary a person reads before the first step (driver side)."""
+    from clippy_ray.data.commands import parquet_size
+
+    t, m = cfg.train, cfg.model
+    data = []
+    for name, uri in (("train", cfg.data.train), ("val", cfg.data.val)):
+        if uri:
+            rows, files = parquet_size(uri)
+            data.append(f"{name} {uri} ({rows} rows, {files} file{'s' * (files != 1)})")
+    keep = m.token_keep_ratio if m.token_keep_ratio is not None else m.token_keep_count
+    per_worker = f"{t.cpus_per_worker:g} CPU" + (" + 1 GPU" if t.use_gpu else "")
+    return [f"model: {m.image.name} {m.image.timm_kwargs or ''} at {m.image.img_size} px + {m.text.model_type} text "
+            f"encoder, {m.aggregation} pooling, token keep {keep or 'all'}, embedding {m.embed_dim}",
+            "data: " + "; ".join(data),
+            f"workers: {t.num_workers} x ({per_worker}); batch {t.micro_batch_size} per worker x {t.grad_accum_steps} "
+            f"accumulation = {t.global_batch_size} pairs per step, {t.steps} steps",
+            f"storage: {storage.join(t.storage, t.run_name)} (checkpoint every {t.checkpoint_every} steps, "
+            f"last {t.keep_checkpoints} kept)"]
+
+
+def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights", callbacks: list | None = None,
+        console=None):
     """Train (or resume) the run `cfg.train.run_name`; returns Ray's Result. `callbacks`: Ray Train
-    callbacks (a sweep passes Tune's report callback)."""
+    callbacks (a sweep passes Tune's report callback). `console` (a `clippy_ray.console.Console`):
+    show the start-up summary and rank 0's progress there; without one, rank 0 prints it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -36,7 +62,7 @@ def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weig
     if not cfg.data.train:
         raise config.ConfigError(["data.train: not set; give the training parquet URI (data.train=s3://... or a folder)"])
     if init_mode not in ("weights", "full"):
-        raise ValueError(f"--from-mode {init_mode!r}: use weights or full")
+        raise InputError(f"--from-mode {init_mode!r}: use weights or full")
     image_size = cfg.model.image.img_size
     datasets = {"train": build_dataset(cfg.data.train, cfg.data, cfg.model.text, image_size, train=True)}
     if cfg.data.val:
@@ -47,10 +73,14 @@ def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weig
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
+    if console is not None:
+        for line in describe(cfg):
+            console.line(line)
+    events = EventQueue(console) if console is not None else contextlib.nullcontext()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.to_dict(cfg), "init_from": init_from, "init_mode": init_mode,
-                           "has_val": "val" in datasets},
+                           "has_val": "val" in datasets, "events": getattr(events, "queue", None)},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
@@ -60,7 +90,8 @@ def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weig
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              callbacks=callbacks or []),
     )
-    return trainer.fit()
+    with events:
+        return trainer.fit()
 
 
 def _write_resolved_config(cfg: config.Config) -> None:

@@ -1,0 +1,103 @@
+"""The first minutes: precision follows the device, and the console shows one line per event
+(or live bars on a TTY) while Ray's own output stays in the run's log folder."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clippy_ray import precision
+from clippy_ray.console import Console, render
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_BF16 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
+BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    assert precision.cpu_bf16_flags(NO_BF16) == []
+    assert precision.cpu_bf16_flags(BF16) == ["avx512_bf16", "amx_bf16"]
+
+
+def test_explicit_precision_wins_and_auto_is_fp32_on_a_cpu_without_native_bf16():
+    cpu = torch.device("cpu")
+    assert precision.choose("bf16", cpu, NO_BF16) == precision.Choice("bf16", "set in the config")
+    choice = precision.choose("auto", cpu, NO_BF16)
+    assert choice.precision == "fp32" and choice.dtype == torch.float32
+    assert "no native bf16" in choice.reason
+    assert precision.matmul_dtype("auto", "fp32") == torch.float32
+    assert precision.matmul_dtype("bfloat16", "fp32") == torch.bfloat16
+
+
+@pytest.mark.integration  # a fresh interpreter, so oneDNN and MKL read the ISA cap at start
+@pytest.mark.skipif(not precision.cpu_bf16_flags(), reason="needs a CPU that announces native bf16")
+def test_auto_measures_and_picks_fp32_when_the_math_library_cannot_use_native_bf16():
+    """The CPU announces avx512_bf16, but with oneDNN and MKL capped at AVX2 (as on an AVX2-only
+    box) a bf16 matmul is emulated and ~30x slower: `auto` must see that and choose fp32."""
+    code = ("import torch; from clippy_ray import precision as p\n"
+            "c = p.choose('auto', torch.device('cpu')); print(c.precision); print(c.reason)\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    chosen, reason = out.stdout.strip().splitlines()[-2:]
+    assert chosen == "fp32" and reason.startswith("bf16 is slower here"), reason
+
+
+def _events():
+    yield {"kind": "start", "text": "run demo: 10 steps", "step": 0, "total": 10}
+    for step in (2, 4):
+        yield {"kind": "step", "text": f"step {step}/10 | loss 2.0", "step": step, "total": 10, "status": "loss 2.0"}
+    yield {"kind": "val", "text": "step 4/10 validation: loss 1.9", "step": 4, "total": 10}
+    yield {"kind": "done", "text": "training done in 0m05s", "step": 10, "total": 10}
+
+
+def test_without_a_tty_every_event_is_one_plain_line():
+    out = io.StringIO()
+    console = Console(out, tty=False)
+    for event in _events():
+        render(console, event)
+    assert out.getvalue().splitlines() == [
+        "[clippy-ray] run demo: 10 steps", "[clippy-ray] step 2/10 | loss 2.0", "[clippy-ray] step 4/10 | loss 2.0",
+        "[clippy-ray] step 4/10 validation: loss 1.9", "[clippy-ray] training done in 0m05s"]
+
+
+def test_on_a_tty_steps_move_one_bar_and_other_events_print_above_it():
+    out = io.StringIO()
+    console = Console(out, tty=True)
+    for event in _events():
+        render(console, event)
+    text = out.getvalue()
+    assert "train 4/10" in text and "loss 2.0" in text  # the bar, with its status
+    assert "[clippy-ray] step 2/10 | loss 2.0" not in text  # steps are the bar, not lines
+    assert "[clippy-ray] step 4/10 validation: loss 1.9" in text and "[clippy-ray] training done" in text
+
+
+@pytest.mark.integration  # a whole `clippy-ray demo` in a subprocess: its own local Ray, DeepSpeed, eval
+def test_demo_console_without_a_tty_is_a_short_clean_story_and_rays_logs_are_in_the_run_folder(tmp_path):
+    args = ["demo", "--config", "configs/demo.yaml", "--rows", "128",
+            f"data.train={tmp_path}/data/train", f"data.val={tmp_path}/data/val", f"train.storage={tmp_path}/runs",
+            "train.steps=4", "train.warmup_steps=1", "train.log_every=2", "train.val_every=2", "train.val_batches=1",
+            "train.checkpoint_every=4", "train.wandb.mode=disabled", "eval.max_rows=32"]
+    out = subprocess.run([str(Path(sys.executable).parent / "clippy-ray"), *args], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert len(lines) <= 40, "\n".join(lines)
+    assert not re.search(r"\x1b\[", out.stdout + out.stderr)  # no colour codes, no bar redraws
+    assert not any("pid=" in ln or "Token authentication" in ln or "Reporting training result" in ln for ln in lines)
+    assert len(set(lines)) == len(lines), "a line was printed twice"
+    assert all(ln.startswith("[clippy-ray] ") for ln in lines), [ln for ln in lines if not ln.startswith("[")]
+    text = "\n".join(lines)
+    for expected in ("data: train", "workers: 2 x", "precision ", "step 2/4 |", "step 4/4 validation", "evaluation:",
+                     "handoff model:", "logs (this command's and Ray's):"):
+        assert expected in text, expected
+    logs = tmp_path / "runs" / "demo" / "logs"
+    assert "Started a local Ray instance" in (logs / "clippy-ray.log").read_text()
+    assert any(p.name.startswith("worker-") for p in (logs / "ray").iterdir())  # the workers' own output
