@@ -131,7 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
              "resolution": args.resolution, "max_rows": args.max_rows}
     cfg = eval_config(args.checkpoint, args.overrides, {k: v for k, v in flags.items() if v is not None})
     with _ray_session(args, args.out) as console:
-        report = run_eval(args.checkpoint, args.data, cfg, args.out, args.format, args.classes, log=console.line)
+        report = run_eval(args.checkpoint, args.data, cfg, args.out, args.format, args.classes, log=console.line,
+                          progress=console.counter("eval", "shards"))
         console.line(summary_line(report["results"]))
     return 0
 

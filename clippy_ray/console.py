@@ -16,6 +16,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PREFIX = "[clippy-ray]"
@@ -48,11 +49,24 @@ class Console:
             from tqdm import tqdm
 
             bar = self._bars[name] = tqdm(total=total, initial=done, desc=name, file=self.stream, dynamic_ncols=True,
-                                          leave=False, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} "
-                                                                  "[{elapsed}<{remaining}]")
+                                          leave=False,
+                                          bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}{postfix}")
         bar.n = done
         bar.set_postfix_str(status, refresh=False)
         bar.refresh()
+
+    def counter(self, name: str, unit: str) -> Callable[[int, int], None]:
+        """A `(done, total)` callback: a bar on a TTY, else a line at every tenth of the way."""
+        start = time.time()
+
+        def update(done: int, total: int) -> None:
+            if self.tty:
+                self.progress(name, done, total)
+                if done == total:
+                    self.close(name)
+            elif done == total or done % max(1, total // 10) == 0:
+                self.line(f"{name}: {done}/{total} {unit} ({time.time() - start:.0f} s)")
+        return update
 
     def close(self, name: str) -> None:
         bar = self._bars.pop(name, None)
@@ -95,12 +109,12 @@ class EventQueue:
     def _drain(self, block: bool) -> None:
         from ray.util.queue import Empty
 
+        from ray.exceptions import RayError
+
         try:
             events = [self.queue.get(timeout=0.5)] if block else []
             events += self.queue.get_nowait_batch(self.queue.qsize())
-        except Empty:
-            return
-        except Exception:  # noqa: BLE001 - the queue actor is gone (shutdown): nothing left to show
+        except (Empty, RayError):  # nothing yet, or the queue is gone (shutdown): nothing to show
             return
         for event in events:
             render(self.console, event)

@@ -39,7 +39,8 @@ def run_demo(cfg: config.Config, console: Console, rows: int = 6000, eval_rows: 
     if checkpoint:
         out = storage.join(run, "eval", checkpoint.rstrip("/").rsplit("/", 1)[-1])
         console.line(f"evaluating {summary['handoff']} on {data_root}")
-        summary["eval"] = run_eval(summary["handoff"], data_root, cfg.eval, out, log=console.line)
+        summary["eval"] = run_eval(summary["handoff"], data_root, cfg.eval, out, log=console.line,
+                                   progress=console.counter("eval", "shards"))
         summary["eval_out"] = out
     summary["minutes"] = (time.perf_counter() - start) / 60
     return summary

@@ -217,13 +217,23 @@ def _label_size(sample: Sample) -> tuple[int, int]:
     return tuple(sample.mask.shape if sample.mask is not None else sample.image.shape[:2])
 
 
-def build_evaluator(checkpoint: str, data: EvalSet, cfg: EvalConfig, device: torch.device | None = None) -> Evaluator:
-    """Load a handoff checkpoint onto `device` and embed the dataset's class names."""
+def load_model(checkpoint: str, device: torch.device):
+    """(model, config, tokenizer) of a handoff checkpoint on `device`. A bf16 model stays bf16 only
+    where the device runs bf16 natively; elsewhere (CPUs without AVX512-BF16 / AMX) it is cast to
+    fp32, since emulated bf16 runs ~30x slower there."""
+    from clippy_ray import precision
     from clippy_ray.model.handoff import load_handoff
 
     model, model_cfg, tokenizer = load_handoff(checkpoint)
+    if next(model.parameters()).dtype == torch.bfloat16 and precision.choose("auto", device).precision == "fp32":
+        model.float()
+    return model.to(device), model_cfg, tokenizer
+
+
+def build_evaluator(checkpoint: str, data: EvalSet, cfg: EvalConfig, device: torch.device | None = None) -> Evaluator:
+    """Load a handoff checkpoint onto `device` and embed the dataset's class names."""
     device = device or device_for(cfg.use_gpu)
-    model.to(device)
+    model, model_cfg, tokenizer = load_model(checkpoint, device)
     with torch.no_grad():
         return Evaluator(model, tokenizer, data, cfg, device, model_cfg.model.image.img_size,
                          model.image.patch_size[0], resolve_templates(cfg, data))

@@ -85,23 +85,24 @@ def _start_workers(checkpoint: str, data: EvalSet, cfg: EvalConfig, count: int, 
     return [actor_cls.remote(checkpoint, data, cfg, threads) for _ in range(count)]
 
 
-def _run_jobs(actors: list, jobs: list[Job], start: float, log: Callable[[str], None]) -> list[dict]:
+def _run_jobs(actors: list, jobs: list[Job], progress: Callable[[int, int], None] | None) -> list[dict]:
     """Every job's sums, in job order."""
     pool = ActorPool(actors)
     parts: dict[int, dict] = {}
-    step = max(1, len(jobs) // 10)
     # Unordered, so a worker that finishes early takes the next shard at once; sums are then
     # added in shard order, which keeps the numbers independent of the worker count.
     for i, (index, part) in enumerate(pool.map_unordered(lambda a, job: a.run.remote(*job), enumerate(jobs)), start=1):
         parts[index] = part
-        if i % step == 0 or i == len(jobs):
-            log(f"eval: {i}/{len(jobs)} shards ({time.time() - start:.0f} s)")
+        if progress is not None:
+            progress(i, len(jobs))
     return [parts[i] for i in range(len(jobs))]
 
 
 def run_eval(checkpoint: str, data_uri: str, cfg: EvalConfig, out: str | None = None, fmt: str = "auto",
-             classes: str | None = None, log: Callable[[str], None] = print) -> dict:
-    """Evaluate a handoff checkpoint on a dataset; returns (and writes under `out`) the results."""
+             classes: str | None = None, log: Callable[[str], None] = print,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Evaluate a handoff checkpoint on a dataset; returns (and writes under `out`) the results.
+    `log` gets one line per event; `progress(done, total)` is called as shards finish."""
     start = time.time()
     data = open_eval_set(data_uri, fmt, cfg.rows_per_shard, cfg.max_rows, classes)
     tasks = list(dict.fromkeys(cfg.tasks))
@@ -118,7 +119,7 @@ def run_eval(checkpoint: str, data_uri: str, cfg: EvalConfig, out: str | None = 
         f"{' with GPUs' if use_gpu else ''}")
     resolution = ray.get([a.resolution.remote() for a in actors])[0]  # every worker has loaded the model
     ready = time.time()
-    results = reduce_results(data, jobs, _run_jobs(actors, jobs, start, log))
+    results = reduce_results(data, jobs, _run_jobs(actors, jobs, progress))
     meta = {"checkpoint": checkpoint, "data": data_uri, "format": data.fmt, "tasks": tasks,
             "resolution": resolution, **settings, "workers": workers, "setup_seconds": ready - start,
             "task_seconds": time.time() - ready, "pictures": []}

@@ -9,7 +9,7 @@ import torch
 from clippy_ray import storage
 from clippy_ray.eval import visualize
 from clippy_ray.eval.datasets import decode_rgb, read_templates
-from clippy_ray.eval.evaluator import dense_embeddings, device_for, pca_groups, prepare, score_maps, text_classifier, \
+from clippy_ray.eval.evaluator import dense_embeddings, device_for, load_model, pca_groups, prepare, score_maps, text_classifier, \
     upsample_nearest
 
 
@@ -26,11 +26,8 @@ def parse_labels(text: str) -> list[list[str]]:
 def segment_image(checkpoint: str, image_uri: str, labels: list[list[str]], out: str, resolution: int | None = None,
                   components: int = 8, templates: str = "clip", use_gpu: bool | None = None) -> dict:
     """Write the picture to `out` (a local path or s3://); returns the label map and the groups."""
-    from clippy_ray.model.handoff import load_handoff
-
-    model, cfg, tokenizer = load_handoff(checkpoint)
     device = device_for(use_gpu)
-    model.to(device)
+    model, cfg, tokenizer = load_model(checkpoint, device)
     image = decode_rgb(storage.fetch(image_uri).read_bytes())
     res = resolution or 2 * cfg.model.image.img_size
     batch = prepare(image, res, model.image.patch_size[0], crop=False)[None].to(device)
