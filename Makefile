@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints/cpu.txt
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast lint format demo bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,15 @@ test: setup
 # Unit tests only (no Ray, DeepSpeed, S3 server or subprocess): under a minute.
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+# ruff (settings in pyproject.toml): CI fails on any finding or unformatted file.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 demo: setup
 	$(VENV)/bin/clippy-ray demo --config configs/demo.yaml $(DEMO_ARGS)

@@ -37,32 +37,55 @@ def main() -> None:
     cfg = config.load(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/data"
-        make_benchmark(data, rows=0, eval_rows=args.rows, spec=BenchmarkSpec(image_size=cfg.model.image.img_size),
-                       rows_per_shard=128, splits=("val",))
+        make_benchmark(
+            data,
+            rows=0,
+            eval_rows=args.rows,
+            spec=BenchmarkSpec(image_size=cfg.model.image.img_size),
+            rows_per_shard=128,
+            splits=("val",),
+        )
         tok = build_tokenizer(cfg.model.text)
         torch.manual_seed(0)
         model = build_model(cfg.model, tok.vocab_size)
         export_handoff(model, model.state_dict(), cfg, tok, f"{tmp}/model")
         timings, tasks, results = {}, {}, {}
         for workers in (1, args.workers):
-            ecfg = config.from_dict({"eval": {"tasks": ["seg"], "workers": workers, "resolution": args.resolution,
-                                              "examples": 0, "rows_per_shard": 32}}).eval
+            ecfg = config.from_dict(
+                {
+                    "eval": {
+                        "tasks": ["seg"],
+                        "workers": workers,
+                        "resolution": args.resolution,
+                        "examples": 0,
+                        "rows_per_shard": 32,
+                    }
+                }
+            ).eval
             start = time.perf_counter()
             report = run_eval(f"{tmp}/model", data, ecfg, log=lambda *_: None)
             timings[workers] = time.perf_counter() - start
             tasks[workers] = report["meta"]["task_seconds"]
             results[workers] = report["results"]
     same = json.dumps(results[1], sort_keys=True) == json.dumps(results[args.workers], sort_keys=True)
-    print(f"seg task, {args.rows} rows at {args.resolution}px, {cfg.model.image.name} "
-          f"(depth {cfg.model.image.timm_kwargs.get('depth')}, width {cfg.model.image.timm_kwargs.get('embed_dim')})")
+    print(
+        f"seg task, {args.rows} rows at {args.resolution}px, {cfg.model.image.name} "
+        f"(depth {cfg.model.image.timm_kwargs.get('depth')}, width {cfg.model.image.timm_kwargs.get('embed_dim')})"
+    )
     n = args.workers
     for w in (1, n):
-        print(f"  {w} worker(s): {timings[w]:.1f} s wall, of which {timings[w] - tasks[w]:.1f} s start-up "
-              f"(actors + model load) and {tasks[w]:.1f} s on shards ({args.rows / tasks[w]:.1f} images/s)")
-    print(f"  speed-up, shards: {tasks[1] / tasks[n]:.2f}x (goal >= 1.8x with 2 workers on 2 cores); "
-          f"whole command: {timings[1] / timings[n]:.2f}x; identical metrics: {same}")
-    print(f"  reproduce: python bench/eval_scaling.py --rows {args.rows} --workers {args.workers} "
-          f"--resolution {args.resolution}")
+        print(
+            f"  {w} worker(s): {timings[w]:.1f} s wall, of which {timings[w] - tasks[w]:.1f} s start-up "
+            f"(actors + model load) and {tasks[w]:.1f} s on shards ({args.rows / tasks[w]:.1f} images/s)"
+        )
+    print(
+        f"  speed-up, shards: {tasks[1] / tasks[n]:.2f}x (goal >= 1.8x with 2 workers on 2 cores); "
+        f"whole command: {timings[1] / timings[n]:.2f}x; identical metrics: {same}"
+    )
+    print(
+        f"  reproduce: python bench/eval_scaling.py --rows {args.rows} --workers {args.workers} "
+        f"--resolution {args.resolution}"
+    )
 
 
 if __name__ == "__main__":

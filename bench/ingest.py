@@ -28,16 +28,27 @@ from clippy_ray.ray_init import init_ray
 
 def bare_loop(path: str, data: DataConfig, text: TextConfig, size: int) -> float:
     """rows/s of one process: read the parquet, decode + augment + tokenize batch by batch."""
-    kwargs = dict(image_column="image", caption_column="caption", size=size, train=True,
-                  min_scale=data.min_crop_scale, text_cfg=tuple(sorted((k, v) for k, v in vars(text).items()
-                                                                       if k != "hf_config")), seed=0)
+    kwargs = dict(
+        image_column="image",
+        caption_column="caption",
+        size=size,
+        train=True,
+        min_scale=data.min_crop_scale,
+        text_cfg=tuple(sorted((k, v) for k, v in vars(text).items() if k != "hf_config")),
+        seed=0,
+    )
     preprocess_batch({"image": [], "caption": []}, **kwargs)  # warm the tokenizer cache
     start, rows = time.perf_counter(), 0
     for file in sorted(os.listdir(path)):
         table = pq.read_table(os.path.join(path, file), columns=["image", "caption"])
         for batch in table.to_batches(max_chunksize=data.decode_batch_size):
-            out = preprocess_batch({"image": batch.column("image").to_numpy(zero_copy_only=False),
-                                    "caption": batch.column("caption").to_numpy(zero_copy_only=False)}, **kwargs)
+            out = preprocess_batch(
+                {
+                    "image": batch.column("image").to_numpy(zero_copy_only=False),
+                    "caption": batch.column("caption").to_numpy(zero_copy_only=False),
+                },
+                **kwargs,
+            )
             rows += len(out["valid"])
     return rows / (time.perf_counter() - start)
 
@@ -78,8 +89,7 @@ def cpu_shares(before: dict, after: dict, seconds: float, cores: int) -> dict[st
     return roles
 
 
-def pipeline(path: str, data: DataConfig, text: TextConfig, size: int, batch_size: int,
-             total_rows: int = 0) -> dict:
+def pipeline(path: str, data: DataConfig, text: TextConfig, size: int, batch_size: int, total_rows: int = 0) -> dict:
     """One epoch through the full pipeline -> {first: seconds to the first batch, whole: rows/s
     over the epoch, steady: rows/s between 10% and 90% of `total_rows`, shares: CPU share of each
     role in that window}. Steady is what a long run sees: it leaves out start-up (listing, footer
@@ -138,14 +148,25 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     init_ray()
-    data = DataConfig(decode_batch_size=args.decode_batch_size, block_mib=args.block_mib,
-                      shuffle_buffer=args.shuffle_buffer, decode_cpus=args.decode_cpus, read_cpus=args.read_cpus,
-                      footer_readers=args.footer_readers)
+    data = DataConfig(
+        decode_batch_size=args.decode_batch_size,
+        block_mib=args.block_mib,
+        shuffle_buffer=args.shuffle_buffer,
+        decode_cpus=args.decode_cpus,
+        read_cpus=args.read_cpus,
+        footer_readers=args.footer_readers,
+    )
     text = TextConfig(tokenizer="byte", max_length=64)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        make_benchmark(tmp, args.rows, 0, BenchmarkSpec(image_size=args.source_size, image_format=args.format),
-                       rows_per_shard=250, splits=("train",))
+        make_benchmark(
+            tmp,
+            args.rows,
+            0,
+            BenchmarkSpec(image_size=args.source_size, image_format=args.format),
+            rows_per_shard=250,
+            splits=("train",),
+        )
         path = os.path.join(tmp, "train")
         long = copies_of(path, args.copies, os.path.join(tmp, "long"))
         one_file = copies_of(path, 1, os.path.join(tmp, "warm"), limit=1)
@@ -158,39 +179,57 @@ def main() -> None:
                 parallel = parallel_bare(pool, path, data, text, args.size, cores)
                 run = pipeline(long, data, text, args.size, args.batch_size, total_rows=args.rows * args.copies)
                 runs.append({"bare": bare, "parallel": parallel, **run})
-                print(f"rep {rep}: bare {bare:.0f} rows/s, {cores} at once {parallel:.0f} "
-                      f"({parallel / (bare * cores):.2f}x of bare x {cores}), pipeline steady {run['steady']:.0f} "
-                      f"({run['steady'] / (bare * cores):.2f}x of bare x {cores}, {run['steady'] / parallel:.2f}x of "
-                      f"{cores} at once), whole epoch {run['whole']:.0f}, first batch {run['first']:.2f} s", flush=True)
+                print(
+                    f"rep {rep}: bare {bare:.0f} rows/s, {cores} at once {parallel:.0f} "
+                    f"({parallel / (bare * cores):.2f}x of bare x {cores}), pipeline steady {run['steady']:.0f} "
+                    f"({run['steady'] / (bare * cores):.2f}x of bare x {cores}, {run['steady'] / parallel:.2f}x of "
+                    f"{cores} at once), whole epoch {run['whole']:.0f}, first batch {run['first']:.2f} s",
+                    flush=True,
+                )
     med = {k: statistics.median(r[k] for r in runs) for k in ("bare", "parallel", "steady", "whole", "first")}
     goal = [r["steady"] / (r["bare"] * cores) for r in runs]  # the issue's ratio, per rep
     ceiling = [r["parallel"] / (r["bare"] * cores) for r in runs]
     of_ceiling = [r["steady"] / r["parallel"] for r in runs]
-    print(f"{args.rows} rows x {args.copies} copies, {args.source_size}px {args.format} -> {args.size}px train "
-          f"transform, {cores} cores, shuffle buffer {data.shuffle_buffer}, blocks {data.block_mib} MiB, decode "
-          f"batches {data.decode_batch_size}, read tasks {data.read_cpus} CPU, decode tasks {data.decode_cpus} CPU; "
-          f"medians of {args.reps} interleaved reps:")
+    print(
+        f"{args.rows} rows x {args.copies} copies, {args.source_size}px {args.format} -> {args.size}px train "
+        f"transform, {cores} cores, shuffle buffer {data.shuffle_buffer}, blocks {data.block_mib} MiB, decode "
+        f"batches {data.decode_batch_size}, read tasks {data.read_cpus} CPU, decode tasks {data.decode_cpus} CPU; "
+        f"medians of {args.reps} interleaved reps:"
+    )
     print(f"bare single-process loop:       {med['bare']:8.1f} rows/s   (x {cores} cores = {med['bare'] * cores:.1f})")
-    print(f"{cores} bare loops at once (no Ray): {med['parallel']:8.1f} rows/s   ({statistics.median(ceiling):.2f}x "
-          f"of bare x {cores}: this machine's ceiling; per rep: {per_rep(ceiling)})")
-    print(f"Ray Data pipeline, steady:      {med['steady']:8.1f} rows/s   (10%-90% of the epoch; "
-          f"first batch at {med['first']:.2f} s)")
+    print(
+        f"{cores} bare loops at once (no Ray): {med['parallel']:8.1f} rows/s   ({statistics.median(ceiling):.2f}x "
+        f"of bare x {cores}: this machine's ceiling; per rep: {per_rep(ceiling)})"
+    )
+    print(
+        f"Ray Data pipeline, steady:      {med['steady']:8.1f} rows/s   (10%-90% of the epoch; "
+        f"first batch at {med['first']:.2f} s)"
+    )
     print(f"Ray Data pipeline, whole epoch: {med['whole']:8.1f} rows/s")
     print(f"ratio steady / (bare x cores):  {statistics.median(goal):.2f}   (goal >= 0.90; per rep: {per_rep(goal)})")
-    print(f"ratio steady / ({cores} bare loops at once): {statistics.median(of_ceiling):.2f}   "
-          f"(per rep: {per_rep(of_ceiling)})")
-    print(f"ratio whole epoch / (bare x cores): "
-          f"{statistics.median(r['whole'] / (r['bare'] * cores) for r in runs):.2f}")
-    shares = {role: statistics.median(r["shares"].get(role, 0.0) for r in runs)
-              for role in {role for r in runs for role in r["shares"]}}
-    print("CPU of the machine in the steady window: " + ", ".join(
-        f"{role} {share:.0%}" for role, share in sorted(shares.items(), key=lambda kv: -kv[1]))
-        + f", idle {max(0.0, 1 - sum(shares.values())):.0%}")
+    print(
+        f"ratio steady / ({cores} bare loops at once): {statistics.median(of_ceiling):.2f}   "
+        f"(per rep: {per_rep(of_ceiling)})"
+    )
+    print(
+        f"ratio whole epoch / (bare x cores): {statistics.median(r['whole'] / (r['bare'] * cores) for r in runs):.2f}"
+    )
+    shares = {
+        role: statistics.median(r["shares"].get(role, 0.0) for r in runs)
+        for role in {role for r in runs for role in r["shares"]}
+    }
+    print(
+        "CPU of the machine in the steady window: "
+        + ", ".join(f"{role} {share:.0%}" for role, share in sorted(shares.items(), key=lambda kv: -kv[1]))
+        + f", idle {max(0.0, 1 - sum(shares.values())):.0%}"
+    )
     decode = shares.get("decode/read tasks", 0.0)
     if decode:
         per_core = med["steady"] / (decode * cores)
         print(f"decode/read tasks: {per_core:.0f} rows/s per busy core = {per_core / med['bare']:.2f}x the bare loop's")
-    print("reproduce: python bench/ingest.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    print(
+        "reproduce: python bench/ingest.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from clippy_ray.loss import ContrastiveLoss
 
 
-def measure(loss_fn: ContrastiveLoss, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-            local: int, repeats: int):
+def measure(
+    loss_fn: ContrastiveLoss, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, local: int, repeats: int
+):
     """-> (loss, peak bytes saved for backward (each storage once), best fwd+bwd seconds)."""
     storages: set[int] = set()
     saved = [0, 0]  # current, peak
@@ -61,7 +62,10 @@ def main() -> None:
     base_loss, base_mem, base_time = measure(base, image, text, scale, args.local, args.repeats)
     loss, mem, t = measure(chunked, image, text, scale, args.local, args.repeats)
     print(f"local {args.local} x global {args.batch} x dim {args.dim}, bf16 matmul, chunk {args.chunk}")
-    print(f"unchunked: saved-for-backward {base_mem / 2**20:8.1f} MiB, fwd+bwd {base_time * 1e3:7.1f} ms, loss {base_loss:.5f}")
+    print(
+        f"unchunked: saved-for-backward {base_mem / 2**20:8.1f} MiB, fwd+bwd {base_time * 1e3:7.1f} ms, "
+        f"loss {base_loss:.5f}"
+    )
     print(f"chunked:   saved-for-backward {mem / 2**20:8.1f} MiB, fwd+bwd {t * 1e3:7.1f} ms, loss {loss:.5f}")
     print(f"ratio chunked/unchunked: memory {mem / base_mem:.3f}x, time {t / base_time:.2f}x")
     print("reproduce: python bench/loss_chunking.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()))

@@ -33,8 +33,11 @@ def make_setup(cfg: config.Config, batch: int):
     model = build_model(cfg.model, tok.vocab_size)
     enc = tok([f"a red star number {i}" for i in range(batch)])
     size = cfg.model.image.img_size
-    inputs = (normalize(torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8)),
-              torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"]))
+    inputs = (
+        normalize(torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8)),
+        torch.from_numpy(enc["input_ids"]),
+        torch.from_numpy(enc["attention_mask"]),
+    )
     return model, inputs, ContrastiveLoss(torch.float32)
 
 
@@ -79,10 +82,18 @@ def ray_steps(cfg: config.Config, batch: int, steps: int, threads: int) -> list[
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        TorchTrainer(_ray_loop, train_loop_config={"config": config.to_dict(cfg), "batch": batch, "steps": steps,
-                                                   "threads": threads, "out": out},
-                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
-                     run_config=RunConfig(storage_path=tmp, name="bench")).fit()
+        TorchTrainer(
+            _ray_loop,
+            train_loop_config={
+                "config": config.to_dict(cfg),
+                "batch": batch,
+                "steps": steps,
+                "threads": threads,
+                "out": out,
+            },
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+            run_config=RunConfig(storage_path=tmp, name="bench"),
+        ).fit()
         with open(out) as f:
             return json.load(f)
 
@@ -96,18 +107,32 @@ def main() -> None:
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    base = config.load(args.config, ["train.num_workers=1", f"train.global_batch_size={args.batch}",
-                                     "train.precision=fp32", "train.grad_accum_steps=1"])
+    base = config.load(
+        args.config,
+        [
+            "train.num_workers=1",
+            f"train.global_batch_size={args.batch}",
+            "train.precision=fp32",
+            "train.grad_accum_steps=1",
+        ],
+    )
     init_ray()
     bare = statistics.median(bare_steps(base, args.batch, args.steps))
     print(f"model {args.config}, batch {args.batch}, fp32, {threads} threads, median of {args.steps} steps")
     print(f"bare PyTorch loop:                 {bare * 1e3:7.1f} ms/step")
     for stage in args.stages:
-        cfg = config.from_dict({**config.to_dict(base), "train": {**config.to_dict(base)["train"], "zero_stage": stage}})
+        cfg = config.from_dict(
+            {**config.to_dict(base), "train": {**config.to_dict(base)["train"], "zero_stage": stage}}
+        )
         t = statistics.median(ray_steps(cfg, args.batch, args.steps, threads))
-        print(f"Ray Train + DeepSpeed ZeRO-{stage}:       {t * 1e3:7.1f} ms/step   ratio {t / bare:.2f}x (goal <= 1.10)")
-    print("reproduce: python bench/step_overhead.py --steps {} --batch {} --stages {}".format(
-        args.steps, args.batch, " ".join(map(str, args.stages))))
+        print(
+            f"Ray Train + DeepSpeed ZeRO-{stage}:       {t * 1e3:7.1f} ms/step   ratio {t / bare:.2f}x (goal <= 1.10)"
+        )
+    print(
+        "reproduce: python bench/step_overhead.py --steps {} --batch {} --stages {}".format(
+            args.steps, args.batch, " ".join(map(str, args.stages))
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ from clippy_ray.errors import UserError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. model.aggregation=avg loss.chunk_size=4096")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. model.aggregation=avg loss.chunk_size=4096",
+    )
 
 
 @contextlib.contextmanager
@@ -32,8 +36,12 @@ def _ray_session(args: argparse.Namespace, folder: str | None):
 
 
 def _add_verbose(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="show Ray's own output (worker logs, Ray Data progress bars) on the console too")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output (worker logs, Ray Data progress bars) on the console too",
+    )
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -62,10 +70,14 @@ def cmd_model(args: argparse.Namespace) -> int:
     size = cfg.model.image.img_size
     with torch.no_grad():
         grid = model.dense_features(torch.zeros(1, 3, size, size)).shape[1:3]
-    print(f"image tower  {cfg.model.image.name}: {count(model.image) / 1e6:.2f}M parameters, "
-          f"{size}px -> {grid[0]}x{grid[1]} feature map, aggregation={cfg.model.aggregation}")
-    print(f"text tower   {model.text.encoder.config.model_type}: {count(model.text) / 1e6:.2f}M parameters, "
-          f"tokenizer {cfg.model.text.tokenizer!r} ({tokenizer.vocab_size} tokens)")
+    print(
+        f"image tower  {cfg.model.image.name}: {count(model.image) / 1e6:.2f}M parameters, "
+        f"{size}px -> {grid[0]}x{grid[1]} feature map, aggregation={cfg.model.aggregation}"
+    )
+    print(
+        f"text tower   {model.text.encoder.config.model_type}: {count(model.text) / 1e6:.2f}M parameters, "
+        f"tokenizer {cfg.model.text.tokenizer!r} ({tokenizer.vocab_size} tokens)"
+    )
     print(f"total        {count(model) / 1e6:.2f}M parameters, embedding dim {cfg.model.embed_dim}")
     return 0
 
@@ -74,12 +86,15 @@ def cmd_data_make_benchmark(args: argparse.Namespace) -> int:
     from clippy_ray.data.benchmark import BenchmarkSpec
     from clippy_ray.data.commands import make_benchmark
 
-    spec = BenchmarkSpec(seed=args.seed, image_size=args.image_size, image_format=args.format,
-                         spurious_p=args.spurious_p)
+    spec = BenchmarkSpec(
+        seed=args.seed, image_size=args.image_size, image_format=args.format, spurious_p=args.spurious_p
+    )
     with _ray_session(args, None):  # logs in the cache: the output folder holds data only
         meta = make_benchmark(args.out, args.rows, args.eval_rows, spec, args.rows_per_shard)
-    print(f"wrote {sum(meta['rows'].values())} rows to {args.out}: "
-          + ", ".join(f"{k} {v}" for k, v in meta["rows"].items()))
+    print(
+        f"wrote {sum(meta['rows'].values())} rows to {args.out}: "
+        + ", ".join(f"{k} {v}" for k, v in meta["rows"].items())
+    )
     return 0
 
 
@@ -99,10 +114,13 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     from clippy_ray.data.commands import convert
 
     with _ray_session(args, None):
-        report = convert(args.index, args.out, args.image_root, args.rows_per_shard, args.path_column,
-                         args.caption_column)
-    print(f"{report['index']}: {report['rows']} rows -> {report['written']} written to {report['out']}, "
-          f"{report['skipped']} skipped (missing or undecodable image, or empty caption)")
+        report = convert(
+            args.index, args.out, args.image_root, args.rows_per_shard, args.path_column, args.caption_column
+        )
+    print(
+        f"{report['index']}: {report['rows']} rows -> {report['written']} written to {report['out']}, "
+        f"{report['skipped']} skipped (missing or undecodable image, or empty caption)"
+    )
     return 0
 
 
@@ -113,12 +131,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, args.overrides)
     with _ray_session(args, storage.join(cfg.train.storage, cfg.train.run_name)) as console:
-        console.line(f"config: {args.config or 'defaults'}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
+        console.line(
+            f"config: {args.config or 'defaults'}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
+        )
         result = fit(cfg, init_from=args.init_from, init_mode=args.from_mode, console=console)
         uri = checkpoint_uri(cfg, result)
         if uri is not None:
-            console.line("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in (result.metrics or {}).items()
-                                                       if isinstance(v, (int, float))))
+            console.line(
+                "final metrics: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)))
+            )
             console.line(f"checkpoint: {uri}")
             console.line(f"handoff model (eval / segment): {uri}/{HANDOFF_DIR}")
     return 0
@@ -127,12 +149,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from clippy_ray.eval import eval_config, run_eval, summary_line
 
-    flags = {"tasks": args.tasks.split(",") if args.tasks else None, "workers": args.workers,
-             "resolution": args.resolution, "max_rows": args.max_rows}
+    flags = {
+        "tasks": args.tasks.split(",") if args.tasks else None,
+        "workers": args.workers,
+        "resolution": args.resolution,
+        "max_rows": args.max_rows,
+    }
     cfg = eval_config(args.checkpoint, args.overrides, {k: v for k, v in flags.items() if v is not None})
     with _ray_session(args, args.out) as console:
-        report = run_eval(args.checkpoint, args.data, cfg, args.out, args.format, args.classes, log=console.line,
-                          progress=console.counter("eval", "shards"))
+        report = run_eval(
+            args.checkpoint,
+            args.data,
+            cfg,
+            args.out,
+            args.format,
+            args.classes,
+            log=console.line,
+            progress=console.counter("eval", "shards"),
+        )
         console.line(summary_line(report["results"]))
     return 0
 
@@ -140,8 +174,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from clippy_ray.eval.segment import parse_labels, segment_image
 
-    info = segment_image(args.checkpoint, args.image, parse_labels(args.labels), args.out, args.resolution,
-                         args.components, args.templates)
+    info = segment_image(
+        args.checkpoint,
+        args.image,
+        parse_labels(args.labels),
+        args.out,
+        args.resolution,
+        args.components,
+        args.templates,
+    )
     w, h = info["picture_size"]
     print(f"[clippy-ray] wrote {args.out} ({w}x{h}, features at {info['resolution']} px)")
     return 0
@@ -157,11 +198,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with _ray_session(args, storage.join(sweep.storage, sweep.name)):
         rows = run_sweep(sweep, trials)
     print(markdown_table(sweep, rows), end="")
-    print(f"[clippy-ray] results: {storage.join(sweep.storage, sweep.name, 'results.md')} (+ results.json, results.png)")
+    print(
+        f"[clippy-ray] results: {storage.join(sweep.storage, sweep.name, 'results.md')} (+ results.json, results.png)"
+    )
     failed = [r["label"] for r in rows if r["status"].startswith("error") or r["status"] == "not run"]
     if failed:
-        print(f"[clippy-ray] {len(failed)} trial(s) failed: {', '.join(failed)} (run the command again to retry them)",
-              file=sys.stderr)
+        print(
+            f"[clippy-ray] {len(failed)} trial(s) failed: {', '.join(failed)} (run the command again to retry them)",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
@@ -210,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clippy-ray",
         description="Train and evaluate CLIPpy (perceptual grouping in contrastive vision-language models) "
-                    "on Ray + DeepSpeed.")
+        "on Ray + DeepSpeed.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
     p = sub.add_parser("config", help="print the resolved config (YAML + overrides, validated)")
@@ -222,14 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     p = sub.add_parser("train", help="train (or resume) a run: Ray Train workers + DeepSpeed ZeRO")
     _add_config_args(p)
-    p.add_argument("--from", dest="init_from", default=None,
-                   help="start a new run from this checkpoint URI (ignored when the run already has checkpoints)")
-    p.add_argument("--from-mode", choices=("weights", "full"), default="weights",
-                   help="weights only, or the full state (optimizer, schedule, step) of --from")
+    p.add_argument(
+        "--from",
+        dest="init_from",
+        default=None,
+        help="start a new run from this checkpoint URI (ignored when the run already has checkpoints)",
+    )
+    p.add_argument(
+        "--from-mode",
+        choices=("weights", "full"),
+        default="weights",
+        help="weights only, or the full state (optimizer, schedule, step) of --from",
+    )
     _add_verbose(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="zero-shot cls / seg, unsupervised grouping, robustness (parallel Ray tasks)")
-    p.add_argument("--checkpoint", required=True, help="handoff checkpoint (a training checkpoint or its model/ folder)")
+    p.add_argument(
+        "--checkpoint", required=True, help="handoff checkpoint (a training checkpoint or its model/ folder)"
+    )
     p.add_argument("--data", required=True, help="benchmark root, VOC / ADE20K / Waterbirds folder, or parquet")
     p.add_argument("--tasks", help="comma-separated: cls,seg,unsup,robust (default: eval.tasks)")
     p.add_argument("--out", help="where results.json, results.md and pictures go (local or s3://)")

@@ -23,8 +23,9 @@ class ConfigError(UserError, ValueError):
 
     def __init__(self, errors: list[str]):
         self.errors = errors
-        super().__init__("config error: " + "\n  ".join(errors) if len(errors) == 1
-                         else "config errors:\n  " + "\n  ".join(errors))
+        super().__init__(
+            "config error: " + "\n  ".join(errors) if len(errors) == 1 else "config errors:\n  " + "\n  ".join(errors)
+        )
 
 
 AGGREGATIONS = ("max", "avg", "cls")
@@ -44,8 +45,10 @@ class ImageConfig:
             errors.append(f"{path}.img_size: {self.img_size} must be a positive number of pixels")
         for bad in ("num_classes", "dynamic_img_size", "img_size", "pretrained"):
             if bad in self.timm_kwargs:
-                errors.append(f"{path}.timm_kwargs.{bad}: set by clippy-ray; remove it"
-                              + (f" (use {path}.{bad})" if bad in ("img_size", "pretrained") else ""))
+                errors.append(
+                    f"{path}.timm_kwargs.{bad}: set by clippy-ray; remove it"
+                    + (f" (use {path}.{bad})" if bad in ("img_size", "pretrained") else "")
+                )
         return errors
 
 
@@ -198,10 +201,16 @@ class TrainConfig:
 
     def check(self, path: str) -> list[str]:
         errors = self.wandb.check(f"{path}.wandb")
-        positive = {"num_workers": self.num_workers, "global_batch_size": self.global_batch_size,
-                    "grad_accum_steps": self.grad_accum_steps, "steps": self.steps,
-                    "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
-                    "log_every": self.log_every, "val_batches": self.val_batches}
+        positive = {
+            "num_workers": self.num_workers,
+            "global_batch_size": self.global_batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "steps": self.steps,
+            "checkpoint_every": self.checkpoint_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "log_every": self.log_every,
+            "val_batches": self.val_batches,
+        }
         errors += [f"{path}.{k}: {v} must be >= 1" for k, v in positive.items() if v < 1]
         if self.lr <= 0:
             errors.append(f"{path}.lr: {self.lr} must be > 0")
@@ -224,8 +233,10 @@ class TrainConfig:
             errors.append(f"{path}.cpus_per_worker: {self.cpus_per_worker} must be > 0")
         per = self.num_workers * self.grad_accum_steps
         if per >= 1 and self.global_batch_size >= 1 and self.global_batch_size % per:
-            errors.append(f"{path}.global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
-                          f"grad_accum_steps = {per}; use a multiple of {per}")
+            errors.append(
+                f"{path}.global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
+                f"grad_accum_steps = {per}; use a multiple of {per}"
+            )
         return errors
 
 
@@ -249,15 +260,22 @@ class EvalConfig:
     background: str = "auto"
     bg_threshold: float = 0.9  # on the softmax probability of the best class (GroupViT uses 0.9 on VOC)
     pca_components: int = 8  # unsup: groups = nearest of K principal components
-    templates: str = "auto"  # prompts: auto (the dataset's), a shipped set (clip, simple, benchmark) or a text file, one per line with {}
+    # prompts: auto (the dataset's), a shipped set (clip, simple, benchmark) or a text file, one per line with {}
+    templates: str = "auto"
     examples: int = 6  # overlay pictures in the report
 
     def check(self, path: str) -> list[str]:
-        errors = [f"{path}.tasks: {t!r} is not one of {', '.join(EVAL_TASKS)}" for t in self.tasks if t not in EVAL_TASKS]
+        errors = [
+            f"{path}.tasks: {t!r} is not one of {', '.join(EVAL_TASKS)}" for t in self.tasks if t not in EVAL_TASKS
+        ]
         if self.background not in BACKGROUND_MODES:
             errors.append(f"{path}.background: {self.background!r} is not one of {', '.join(BACKGROUND_MODES)}")
-        positive = {"batch_size": self.batch_size, "workers": self.workers, "rows_per_shard": self.rows_per_shard,
-                    "pca_components": self.pca_components}
+        positive = {
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "rows_per_shard": self.rows_per_shard,
+            "pca_components": self.pca_components,
+        }
         errors += [f"{path}.{k}: {v} must be >= 1" for k, v in positive.items() if v < 1]
         if self.resolution is not None and self.resolution < 1:
             errors.append(f"{path}.resolution: {self.resolution} must be >= 1 (or null for 2 x the train size)")
@@ -279,11 +297,17 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self, path: str = "") -> list[str]:
-        return (self.model.check("model") + self.loss.check("loss") + self.data.check("data")
-                + self.train.check("train") + self.eval.check("eval"))
+        return (
+            self.model.check("model")
+            + self.loss.check("loss")
+            + self.data.check("data")
+            + self.train.check("train")
+            + self.eval.check("eval")
+        )
 
 
 # ---------------------------------------------------------------- building from plain data
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
@@ -299,7 +323,9 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         return _coerce(value, inner[0], path, errors) if len(inner) == 1 else value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            errors.append(f"{path}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+            errors.append(
+                f"{path}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}"
+            )
             return tp()
         return _build(tp, value, path, errors)
     if origin is tuple:
@@ -391,12 +417,14 @@ def load(path: str | None = None, overrides: list[str] | None = None, cls: type 
 
 def to_dict(cfg) -> dict:
     """Plain data (tuples as lists), what YAML and JSON hold."""
+
     def plain(x):
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         return x
+
     return plain(dataclasses.asdict(cfg))
 
 

@@ -48,9 +48,15 @@ class Console:
         if bar is None:
             from tqdm import tqdm
 
-            bar = self._bars[name] = tqdm(total=total, initial=done, desc=name, file=self.stream, dynamic_ncols=True,
-                                          leave=False,
-                                          bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}{postfix}")
+            bar = self._bars[name] = tqdm(
+                total=total,
+                initial=done,
+                desc=name,
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=False,
+                bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}{postfix}",
+            )
         bar.n = done
         bar.set_postfix_str(status, refresh=False)
         bar.refresh()
@@ -66,6 +72,7 @@ class Console:
                     self.close(name)
             elif done == total or done % max(1, total // 10) == 0:
                 self.line(f"{name}: {done}/{total} {unit} ({time.time() - start:.0f} s)")
+
         return update
 
     def close(self, name: str) -> None:
@@ -75,6 +82,7 @@ class Console:
 
 
 # ------------------------------------------------------------------------ training events
+
 
 class EventQueue:
     """Events from the rank-0 training worker to the driver's console. Created on the driver;
@@ -107,9 +115,8 @@ class EventQueue:
             self._drain(block=True)
 
     def _drain(self, block: bool) -> None:
-        from ray.util.queue import Empty
-
         from ray.exceptions import RayError
+        from ray.util.queue import Empty
 
         try:
             events = [self.queue.get(timeout=0.5)] if block else []
@@ -143,6 +150,7 @@ def emitter(queue):
 
 
 # ------------------------------------------------------------------------ logs and Ray's chatter
+
 
 def _file_handler(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path)
@@ -192,7 +200,8 @@ def _copy_ray_logs(dest: Path) -> None:
         node = ray._private.worker.global_worker.node  # noqa: SLF001 - no public accessor for the logs dir
         if node is None or not getattr(node, "head", False) or os.environ.get("RAY_ADDRESS"):
             return
-        shutil.copytree(node.get_logs_dir_path(), dest, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("*.sock", "events"))
+        shutil.copytree(
+            node.get_logs_dir_path(), dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock", "events")
+        )
     except Exception:  # noqa: BLE001 - logs are a courtesy; never fail a finished run over them
         logging.getLogger(__name__).exception("could not copy Ray's logs")

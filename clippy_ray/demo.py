@@ -15,7 +15,6 @@ from clippy_ray.eval import run_eval, summary_line
 from clippy_ray.model.handoff import HANDOFF_DIR
 from clippy_ray.train.trainer import checkpoint_uri, fit
 
-
 # What the demo trains and evaluates on (train-spurious, the biased training split, is left out).
 DEMO_SPLITS = tuple(s for s in BENCHMARK_SPLITS if s != "train-spurious")
 
@@ -24,23 +23,34 @@ def run_demo(cfg: config.Config, console: Console, rows: int = 6000, eval_rows: 
     start = time.perf_counter()
     data_root = cfg.data.train.rsplit("/", 1)[0]
     if not storage.exists(storage.join(data_root, "benchmark.json")):
-        console.line(f"making the offline grouping benchmark ({rows} train rows, {cfg.model.image.img_size} px) "
-                     f"in {data_root}")
-        make_benchmark(data_root, rows, eval_rows, BenchmarkSpec(seed=cfg.data.seed, image_size=cfg.model.image.img_size),
-                       splits=DEMO_SPLITS)
+        console.line(
+            f"making the offline grouping benchmark ({rows} train rows, {cfg.model.image.img_size} px) in {data_root}"
+        )
+        make_benchmark(
+            data_root,
+            rows,
+            eval_rows,
+            BenchmarkSpec(seed=cfg.data.seed, image_size=cfg.model.image.img_size),
+            splits=DEMO_SPLITS,
+        )
     else:
         console.line(f"benchmark already in {data_root}")
     result = fit(cfg, console=console)
     checkpoint = checkpoint_uri(cfg, result)
     run = storage.join(cfg.train.storage, cfg.train.run_name)
-    summary = {"data": data_root, "run": run, "checkpoint": checkpoint,
-               "handoff": f"{checkpoint}/{HANDOFF_DIR}" if checkpoint else None,
-               "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
+    summary = {
+        "data": data_root,
+        "run": run,
+        "checkpoint": checkpoint,
+        "handoff": f"{checkpoint}/{HANDOFF_DIR}" if checkpoint else None,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+    }
     if checkpoint:
         out = storage.join(run, "eval", checkpoint.rstrip("/").rsplit("/", 1)[-1])
         console.line(f"evaluating {summary['handoff']} on {data_root}")
-        summary["eval"] = run_eval(summary["handoff"], data_root, cfg.eval, out, log=console.line,
-                                   progress=console.counter("eval", "shards"))
+        summary["eval"] = run_eval(
+            summary["handoff"], data_root, cfg.eval, out, log=console.line, progress=console.counter("eval", "shards")
+        )
         summary["eval_out"] = out
     summary["minutes"] = (time.perf_counter() - start) / 60
     return summary
@@ -50,10 +60,12 @@ def print_summary(summary: dict, console: Console) -> None:
     m = summary["metrics"]
     console.line("demo finished in {:.1f} min".format(summary["minutes"]))
     if m:
-        console.line(f"step {m.get('step')}: train loss {m.get('loss', float('nan')):.3f}, "
-                     f"val loss {m.get('val_loss', float('nan')):.3f}, val retrieval top-1 image->text "
-                     f"{m.get('val_i2t_top1', float('nan')):.3f} / text->image {m.get('val_t2i_top1', float('nan')):.3f} "
-                     f"(chance {1 / max(m.get('val_pairs', 1), 1):.3f})")
+        console.line(
+            f"step {m.get('step')}: train loss {m.get('loss', float('nan')):.3f}, "
+            f"val loss {m.get('val_loss', float('nan')):.3f}, val retrieval top-1 image->text "
+            f"{m.get('val_i2t_top1', float('nan')):.3f} / text->image {m.get('val_t2i_top1', float('nan')):.3f} "
+            f"(chance {1 / max(m.get('val_pairs', 1), 1):.3f})"
+        )
     if summary.get("eval"):
         console.line(f"evaluation:          {summary_line(summary['eval']['results'])}")
     console.line(f"benchmark data:      {summary['data']}")

@@ -47,7 +47,7 @@ class _GatherWithGrad(torch.autograd.Function):
         summed = grad.clone()  # gloo has no reduce-scatter: all-reduce, keep this rank's rows
         dist.all_reduce(summed)
         start = dist.get_rank() * ctx.rows
-        return summed[start:start + ctx.rows]
+        return summed[start : start + ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -65,12 +65,15 @@ def _lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
     return torch.logsumexp(logits, dim=1)
 
 
-def row_logsumexp(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-                  chunk_size: int | None = None) -> torch.Tensor:
+def row_logsumexp(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, chunk_size: int | None = None
+) -> torch.Tensor:
     if chunk_size is None or chunk_size >= k.shape[0]:
         return _lse(q, k, scale, dtype)
-    parts = [checkpoint(_lse, q, k[start:start + chunk_size], scale, dtype, use_reentrant=False)
-             for start in range(0, k.shape[0], chunk_size)]
+    parts = [
+        checkpoint(_lse, q, k[start : start + chunk_size], scale, dtype, use_reentrant=False)
+        for start in range(0, k.shape[0], chunk_size)
+    ]
     return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
 
 
@@ -97,8 +100,14 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} embeddings must match")
         return self.local_loss(image, text, gather_with_grad(image), gather_with_grad(text), scale)
 
-    def local_loss(self, image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor,
-                   all_text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def local_loss(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        all_image: torch.Tensor,
+        all_text: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
         """Local rows [n, E] against the global columns [N, E] (which contain the local rows)."""
         scale = scale.reshape(())
         dt = self.matmul_dtype

@@ -20,8 +20,11 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
     if not verbose:
         ray_logger.handlers = []
         ray_logger.propagate = True  # else logging's last-resort handler prints its warnings anyway
-    kwargs: dict = {"log_to_driver": verbose, "configure_logging": verbose,
-                    "logging_level": "INFO" if verbose else "WARNING"}
+    kwargs: dict = {
+        "log_to_driver": verbose,
+        "configure_logging": verbose,
+        "logging_level": "INFO" if verbose else "WARNING",
+    }
     if os.environ.get("RAY_ADDRESS"):
         kwargs["address"] = os.environ["RAY_ADDRESS"]
     else:

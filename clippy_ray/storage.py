@@ -49,8 +49,8 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """URI -> (pyarrow filesystem, path inside it). `s3://b/k` -> (S3, "b/k")."""
     uri = str(uri)
     if is_s3(uri):
-        path = uri[len("s3://"):].rstrip("/")
-        if not path or "/" == path[0]:
+        path = uri[len("s3://") :].rstrip("/")
+        if not path or path[0] == "/":
             raise StorageError(f"{uri}: expected s3://bucket/key")
         return s3_filesystem(), path
     if "://" in uri and not uri.startswith("file://"):
@@ -61,8 +61,10 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 def _hint(uri: str) -> str:
     if not is_s3(uri):
         return ""
-    return (" Check the bucket exists, AWS_ENDPOINT_URL points at the S3 server, and"
-            " AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY allow access.")
+    return (
+        " Check the bucket exists, AWS_ENDPOINT_URL points at the S3 server, and"
+        " AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY allow access."
+    )
 
 
 def _describe(uri: str, err: Exception) -> StorageError:
@@ -111,8 +113,7 @@ def fetch(uri: str) -> Path:
     try:
         if fi.type == pafs.FileType.Directory:
             (tmp / "x").mkdir()
-        pafs.copy_files(path, str(tmp / "x"), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(path, str(tmp / "x"), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         try:
             os.replace(tmp / "x", target)  # atomic: a concurrent reader sees all or nothing
         except OSError:

@@ -27,10 +27,13 @@ class Tokenizer:
         if len(texts) == 0:  # Ray Data can hand a map function an empty block
             empty = np.zeros((0, self.max_length), np.int64)
             return {"input_ids": empty, "attention_mask": empty.copy()}
-        out = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                      return_tensors="np")
-        return {"input_ids": out["input_ids"].astype(np.int64),
-                "attention_mask": out["attention_mask"].astype(np.int64)}
+        out = self.hf(
+            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        return {
+            "input_ids": out["input_ids"].astype(np.int64),
+            "attention_mask": out["attention_mask"].astype(np.int64),
+        }
 
     def save(self, folder: str | Path) -> None:
         self.hf.save_pretrained(str(folder))
@@ -51,6 +54,8 @@ def build_tokenizer(cfg: TextConfig) -> Tokenizer:
     try:
         hf = loader.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise InputError(f"model.text.tokenizer={cfg.tokenizer!r}: not a tokenizer folder ({err}); "
-                         "use 'byte' or a folder with tokenizer.json or spiece.model") from None
+        raise InputError(
+            f"model.text.tokenizer={cfg.tokenizer!r}: not a tokenizer folder ({err}); "
+            "use 'byte' or a folder with tokenizer.json or spiece.model"
+        ) from None
     return Tokenizer(hf, cfg.max_length)

@@ -76,8 +76,13 @@ def ray_local(s3_server):
     import ray
     from ray.data import DataContext
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+    )
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -64,8 +64,11 @@ def test_encoded_masks_decode_to_the_label_maps():
 def test_spurious_split_has_the_requested_co_occurrence_rate():
     spec = bm.BenchmarkSpec(seed=1, image_size=32, spurious_p=0.8)
     n = 600
-    matched = sum(bm.make_scene(spec, "train-spurious", i).background == bm.spurious_background(
-        bm.make_scene(spec, "train-spurious", i).classes[0]) for i in range(n))
+    matched = sum(
+        bm.make_scene(spec, "train-spurious", i).background
+        == bm.spurious_background(bm.make_scene(spec, "train-spurious", i).classes[0])
+        for i in range(n)
+    )
     rate = matched / n
     assert abs(rate - 0.8) < 4 * (0.8 * 0.2 / n) ** 0.5  # within 4 standard errors
     for i in range(50):

@@ -36,17 +36,24 @@ def test_model_command_builds_the_demo_model():
 
 @pytest.mark.integration  # a fresh interpreter importing torch, timm, transformers (and DeepSpeed)
 def test_cpu_workarounds_make_timm_and_transformers_importable_and_skip_the_shm_build():
-    code = ("from clippy_ray._compat import patch_torchvision_ops, skip_deepspeed_shm_op\n"
-            "import torch\n"
-            "patched = patch_torchvision_ops()\n"
-            "assert patch_torchvision_ops() is False  # idempotent\n"
-            "import timm, torchvision.transforms.v2, transformers.models.t5\n"
-            "assert skip_deepspeed_shm_op() is (not torch.cuda.is_available())\n"
-            "import importlib\n"
-            "assert importlib.import_module('deepspeed.comm.torch').build_shm_op() is None\n"
-            "print('patched' if patched else 'native')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    code = (
+        "from clippy_ray._compat import patch_torchvision_ops, skip_deepspeed_shm_op\n"
+        "import torch\n"
+        "patched = patch_torchvision_ops()\n"
+        "assert patch_torchvision_ops() is False  # idempotent\n"
+        "import timm, torchvision.transforms.v2, transformers.models.t5\n"
+        "assert skip_deepspeed_shm_op() is (not torch.cuda.is_available())\n"
+        "import importlib\n"
+        "assert importlib.import_module('deepspeed.comm.torch').build_shm_op() is None\n"
+        "print('patched' if patched else 'native')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     # On a CUDA torch + torchvision the extension loads and the patch is a no-op.
     import torch

@@ -47,6 +47,7 @@ def test_job_entrypoints_run_from_a_working_dir_copy(tmp_path):
     runtime = yaml.safe_load((ROOT / "jobs/runtime_env.yaml").read_text())
     assert ".venv" in runtime["excludes"] and "runs" in runtime["excludes"]
     for script, expected in (("jobs/train.py", "--from-mode"), ("jobs/make_benchmark.py", "--rows")):
-        out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
-                             timeout=120, cwd=tmp_path)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
         assert out.returncode == 0 and expected in out.stdout, out.stderr[-1000:]

@@ -6,8 +6,10 @@ from clippy_ray import config
 def test_yaml_plus_dotted_overrides_fill_the_dataclasses(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  aggregation: avg\n  image: {name: vit_small_patch16_224, timm_kwargs: {depth: 2}}\n")
-    cfg = config.load(str(path), ["model.image.timm_kwargs={depth: 3}", "loss.chunk_size=4096",
-                                  "model.token_keep_ratio=1", "train.lr=2e-3"])
+    cfg = config.load(
+        str(path),
+        ["model.image.timm_kwargs={depth: 3}", "loss.chunk_size=4096", "model.token_keep_ratio=1", "train.lr=2e-3"],
+    )
     assert cfg.model.aggregation == "avg"
     assert cfg.model.image.name == "vit_small_patch16_224"
     assert cfg.model.image.timm_kwargs == {"depth": 3}
@@ -17,17 +19,20 @@ def test_yaml_plus_dotted_overrides_fill_the_dataclasses(tmp_path):
     assert config.from_dict(config.to_dict(cfg)) == cfg  # the resolved config reproduces the run
 
 
-@pytest.mark.parametrize("overrides, line", [
-    (["model.aggregation=maxx"], "model.aggregation: 'maxx' is not one of max, avg, cls"),
-    (["model.imge.name=x"], "model.imge: unknown key (valid keys: image, text,"),
-    (["model.embed_dim=wide"], "model.embed_dim: expected int, got 'wide'"),
-    (["model.token_keep_ratio=1.5"], "model.token_keep_ratio: 1.5 must be in (0, 1]"),
-    (["model.token_keep_ratio=0.5", "model.token_keep_count=10"], "set one, not both"),
-    (["loss.matmul_dtype=fp8"], "loss.matmul_dtype: 'fp8' is not one of auto, bfloat16, float32"),
-    (["model.image.timm_kwargs={num_classes: 10}"], "model.image.timm_kwargs.num_classes: set by clippy-ray"),
-    (["data.footer_readers=0"], "data.footer_readers: 0 must be >= 1"),
-    (["aggregation"], "overrides are key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["model.aggregation=maxx"], "model.aggregation: 'maxx' is not one of max, avg, cls"),
+        (["model.imge.name=x"], "model.imge: unknown key (valid keys: image, text,"),
+        (["model.embed_dim=wide"], "model.embed_dim: expected int, got 'wide'"),
+        (["model.token_keep_ratio=1.5"], "model.token_keep_ratio: 1.5 must be in (0, 1]"),
+        (["model.token_keep_ratio=0.5", "model.token_keep_count=10"], "set one, not both"),
+        (["loss.matmul_dtype=fp8"], "loss.matmul_dtype: 'fp8' is not one of auto, bfloat16, float32"),
+        (["model.image.timm_kwargs={num_classes: 10}"], "model.image.timm_kwargs.num_classes: set by clippy-ray"),
+        (["data.footer_readers=0"], "data.footer_readers: 0 must be >= 1"),
+        (["aggregation"], "overrides are key=value"),
+    ],
+)
 def test_bad_fields_get_one_line_naming_the_field_and_the_fix(overrides, line):
     with pytest.raises(config.ConfigError) as err:
         config.load(None, overrides)

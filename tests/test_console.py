@@ -41,8 +41,10 @@ def test_explicit_precision_wins_and_auto_is_fp32_on_a_cpu_without_native_bf16()
 def test_auto_measures_and_picks_fp32_when_the_math_library_cannot_use_native_bf16():
     """The CPU announces avx512_bf16, but with oneDNN and MKL capped at AVX2 (as on an AVX2-only
     box) a bf16 matmul is emulated and ~30x slower: `auto` must see that and choose fp32."""
-    code = ("import torch; from clippy_ray import precision as p\n"
-            "c = p.choose('auto', torch.device('cpu')); print(c.precision); print(c.reason)\n")
+    code = (
+        "import torch; from clippy_ray import precision as p\n"
+        "c = p.choose('auto', torch.device('cpu')); print(c.precision); print(c.reason)\n"
+    )
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -64,8 +66,12 @@ def test_without_a_tty_every_event_is_one_plain_line():
     for event in _events():
         render(console, event)
     assert out.getvalue().splitlines() == [
-        "[clippy-ray] run demo: 10 steps", "[clippy-ray] step 2/10 | loss 2.0", "[clippy-ray] step 4/10 | loss 2.0",
-        "[clippy-ray] step 4/10 validation: loss 1.9", "[clippy-ray] training done in 0m05s"]
+        "[clippy-ray] run demo: 10 steps",
+        "[clippy-ray] step 2/10 | loss 2.0",
+        "[clippy-ray] step 4/10 | loss 2.0",
+        "[clippy-ray] step 4/10 validation: loss 1.9",
+        "[clippy-ray] training done in 0m05s",
+    ]
 
 
 def test_on_a_tty_steps_move_one_bar_and_other_events_print_above_it():
@@ -81,12 +87,32 @@ def test_on_a_tty_steps_move_one_bar_and_other_events_print_above_it():
 
 @pytest.mark.integration  # a whole `clippy-ray demo` in a subprocess: its own local Ray, DeepSpeed, eval
 def test_demo_console_without_a_tty_is_a_short_clean_story_and_rays_logs_are_in_the_run_folder(tmp_path):
-    args = ["demo", "--config", "configs/demo.yaml", "--rows", "128",
-            f"data.train={tmp_path}/data/train", f"data.val={tmp_path}/data/val", f"train.storage={tmp_path}/runs",
-            "train.steps=4", "train.warmup_steps=1", "train.log_every=2", "train.val_every=2", "train.val_batches=1",
-            "train.checkpoint_every=4", "train.wandb.mode=disabled", "eval.max_rows=32"]
-    out = subprocess.run([str(Path(sys.executable).parent / "clippy-ray"), *args], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT, stdin=subprocess.DEVNULL)
+    args = [
+        "demo",
+        "--config",
+        "configs/demo.yaml",
+        "--rows",
+        "128",
+        f"data.train={tmp_path}/data/train",
+        f"data.val={tmp_path}/data/val",
+        f"train.storage={tmp_path}/runs",
+        "train.steps=4",
+        "train.warmup_steps=1",
+        "train.log_every=2",
+        "train.val_every=2",
+        "train.val_batches=1",
+        "train.checkpoint_every=4",
+        "train.wandb.mode=disabled",
+        "eval.max_rows=32",
+    ]
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "clippy-ray"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert len(lines) <= 40, "\n".join(lines)
@@ -95,8 +121,16 @@ def test_demo_console_without_a_tty_is_a_short_clean_story_and_rays_logs_are_in_
     assert len(set(lines)) == len(lines), "a line was printed twice"
     assert all(ln.startswith("[clippy-ray] ") for ln in lines), [ln for ln in lines if not ln.startswith("[")]
     text = "\n".join(lines)
-    for expected in ("data: train", "workers: 2 x", "precision ", "step 2/4 |", "step 4/4 validation", "evaluation:",
-                     "handoff model:", "logs (this command's and Ray's):"):
+    for expected in (
+        "data: train",
+        "workers: 2 x",
+        "precision ",
+        "step 2/4 |",
+        "step 4/4 validation",
+        "evaluation:",
+        "handoff model:",
+        "logs (this command's and Ray's):",
+    ):
         assert expected in text, expected
     logs = tmp_path / "runs" / "demo" / "logs"
     assert "Started a local Ray instance" in (logs / "clippy-ray.log").read_text()

@@ -15,8 +15,15 @@ from torch import nn
 
 from clippy_ray import config
 from clippy_ray.eval import metrics
-from clippy_ray.eval.datasets import (EvalDataError, EvalSet, Sample, detect_format, load_shard, open_eval_set,
-                                      read_names)
+from clippy_ray.eval.datasets import (
+    EvalDataError,
+    EvalSet,
+    Sample,
+    detect_format,
+    load_shard,
+    open_eval_set,
+    read_names,
+)
 from clippy_ray.eval.evaluator import Evaluator, label_map, pca_groups
 from clippy_ray.eval.tasks import TASKS
 from tests.conftest import tiny_config
@@ -25,14 +32,10 @@ from tests.conftest import tiny_config
 
 
 def test_miou_ignores_255_and_skips_a_class_absent_from_truth_and_prediction():
-    truth = np.array([[0, 0, 1, 1],
-                      [0, 0, 1, 1],
-                      [2, 2, 2, 2],
-                      [255, 255, 255, 255]])
-    pred = np.array([[0, 1, 1, 1],
-                     [0, 0, 1, 1],
-                     [2, 2, 0, 2],
-                     [3, 3, 3, 3]])  # the ignored row predicts class 3, which must not count
+    truth = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [255, 255, 255, 255]])
+    pred = np.array(
+        [[0, 1, 1, 1], [0, 0, 1, 1], [2, 2, 0, 2], [3, 3, 3, 3]]
+    )  # the ignored row predicts class 3, which must not count
     conf = metrics.confusion(pred, truth, num_classes=5)
     iou = metrics.iou_per_class(conf)
     # class 0: tp 3, fp 1 (a 2 -> 0), fn 1 (a 0 -> 1): 3/5. class 1: tp 4, fp 1: 4/5.
@@ -56,14 +59,8 @@ def test_confusion_rejects_labels_outside_the_class_range():
 
 
 def test_jaccard_matches_groups_to_segments_with_the_hungarian_assignment():
-    segments = np.array([[0, 0, 1, 1],
-                         [0, 0, 1, 1],
-                         [2, 2, 2, 2],
-                         [2, 2, 255, 255]])
-    groups = np.array([[5, 5, 5, 7],
-                       [5, 5, 7, 7],
-                       [7, 9, 9, 9],
-                       [9, 9, 9, 9]])
+    segments = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 255, 255]])
+    groups = np.array([[5, 5, 5, 7], [5, 5, 7, 7], [7, 9, 9, 9], [9, 9, 9, 9]])
     # IoU[segment, group] over the 14 scored pixels, by hand:
     # seg 0 = {(0,0),(0,1),(1,0),(1,1)}; seg 1 = {(0,2),(0,3),(1,2),(1,3)}; seg 2 = row 2 + (3,0),(3,1)
     # g5 = {(0,0),(0,1),(0,2),(1,0),(1,1)}; g7 = {(0,3),(1,2),(1,3),(2,0)}; g9 = {(2,1..3),(3,0),(3,1)}
@@ -83,8 +80,13 @@ def test_topk_counts_a_hit_when_any_label_of_a_row_is_in_the_top_k():
 
 
 def test_domain_gap_per_class_and_overall():
-    out = metrics.domain_gap(np.array([1, 1, 1, 0]), np.array([0, 0, 1, 1]),
-                             np.array([1, 0, 0, 0]), np.array([0, 0, 1, 1]), ["landbird", "waterbird"])
+    out = metrics.domain_gap(
+        np.array([1, 1, 1, 0]),
+        np.array([0, 0, 1, 1]),
+        np.array([1, 0, 0, 0]),
+        np.array([0, 0, 1, 1]),
+        ["landbird", "waterbird"],
+    )
     assert out["per_class"]["landbird"]["gap"] == pytest.approx(50.0)  # 100 -> 50
     assert out["per_class"]["waterbird"]["gap"] == pytest.approx(50.0)  # 50 -> 0
     assert out["gap"] == pytest.approx(75.0 - 25.0) and out["worst_class_gap"] == pytest.approx(50.0)
@@ -159,7 +161,8 @@ def test_seg_on_hand_set_features_scores_1_when_right_and_the_computed_value_whe
     np.testing.assert_allclose(iou, [1, 256 / 384, 1, 0.5])
     # Summed over both images: red tp 512 of a 640 px union; blue tp 384 of a 512 px union.
     assert metrics.mean_iou(right["confusion"] + wrong["confusion"]) == pytest.approx(
-        np.mean([1, 512 / 640, 1, 384 / 512]))
+        np.mean([1, 512 / 640, 1, 384 / 512])
+    )
 
 
 def test_threshold_background_marks_low_confidence_locations_as_background():
@@ -287,8 +290,14 @@ def eval_benchmark(tmp_path_factory, ray_local):
     from clippy_ray.data.commands import make_benchmark
 
     root = str(tmp_path_factory.mktemp("bench"))
-    make_benchmark(root, rows=24, eval_rows=24, spec=BenchmarkSpec(seed=3, image_size=32), rows_per_shard=12,
-                   splits=("val", "test-matched", "test-swapped"))
+    make_benchmark(
+        root,
+        rows=24,
+        eval_rows=24,
+        spec=BenchmarkSpec(seed=3, image_size=32),
+        rows_per_shard=12,
+        splits=("val", "test-matched", "test-swapped"),
+    )
     return root
 
 
@@ -338,8 +347,24 @@ def test_segment_writes_a_picture_of_the_expected_size_for_a_real_photo(tiny_han
     photo = skimage.data.chelsea()  # 300 x 451, ships with scikit-image
     Image.fromarray(photo).save(tmp_path / "cat.jpg")
     out = tmp_path / "pics" / "cat.png"
-    assert main(["segment", "--checkpoint", tiny_handoff, "--image", str(tmp_path / "cat.jpg"),
-                 "--labels", "cat,grass|lawn,sky", "--out", str(out), "--templates", "simple"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "--checkpoint",
+                tiny_handoff,
+                "--image",
+                str(tmp_path / "cat.jpg"),
+                "--labels",
+                "cat,grass|lawn,sky",
+                "--out",
+                str(out),
+                "--templates",
+                "simple",
+            ]
+        )
+        == 0
+    )
     picture = Image.open(out)
     h, w = photo.shape[:2]
     legend_w, gap = 140, 4
@@ -362,5 +387,9 @@ def test_a_shard_reads_exactly_its_rows_across_row_group_boundaries(tmp_path, bu
         cache = {}
         for start, stop in ((0, 5), (3, 12), (9, 10), (14, 23), (0, 23), (6, 8)):
             for c in (None, cache):
-                assert _read_rows(uri, start, stop, c).column("x").to_pylist() == list(range(start, stop)), (uri, start, stop)
+                assert _read_rows(uri, start, stop, c).column("x").to_pylist() == list(range(start, stop)), (
+                    uri,
+                    start,
+                    stop,
+                )
         assert list(cache) == [(uri, (1,))]  # only the last row groups read are kept

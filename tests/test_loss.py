@@ -20,8 +20,7 @@ def naive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> 
 
 def embeddings(n=8, d=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (F.normalize(torch.randn(n, d, generator=g), dim=-1),
-            F.normalize(torch.randn(n, d, generator=g), dim=-1))
+    return (F.normalize(torch.randn(n, d, generator=g), dim=-1), F.normalize(torch.randn(n, d, generator=g), dim=-1))
 
 
 def test_two_pair_loss_equals_the_hand_computation():
@@ -109,11 +108,10 @@ def test_two_gloo_ranks_match_the_single_process_loss_on_the_concatenated_batch(
     encoder = torch.nn.Linear(5, 6)
     logit_scale = torch.nn.Parameter(torch.tensor([math.log(10.0)]))
     raw_image, raw_text = torch.randn(8, 5), torch.randn(8, 5)
-    ref = naive_loss(F.normalize(encoder(raw_image), dim=-1), F.normalize(encoder(raw_text), dim=-1),
-                     logit_scale.exp())
+    ref = naive_loss(F.normalize(encoder(raw_image), dim=-1), F.normalize(encoder(raw_text), dim=-1), logit_scale.exp())
     ref.backward()
     expected = [encoder.weight.grad, encoder.bias.grad, logit_scale.grad, ref.detach().reshape(1)]
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for name, a, b in zip(("weight grad", "bias grad", "logit_scale grad", "loss"), got, expected):
-            torch.testing.assert_close(a, b, msg=lambda m, n=name: f"rank {rank} {n}: {m}")
+            torch.testing.assert_close(a, b, msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")

@@ -114,8 +114,11 @@ def test_subsampling_count_and_ratio_are_applied_in_training_only():
 
 def test_cls_aggregation_without_a_class_token_is_a_config_error():
     with pytest.raises(ValueError, match="has no class token"):
-        make("model.aggregation=cls",
-             "model.image.timm_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2, class_token: false, global_pool: avg}")
+        make(
+            "model.aggregation=cls",
+            "model.image.timm_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2, class_token: false, "
+            "global_pool: avg}",
+        )
 
 
 def test_logit_scale_is_a_1d_parameter_clamped_at_the_max():

@@ -31,8 +31,7 @@ def all_batches(ds, batch_size, **kw):
 
 
 def test_benchmark_round_trips_through_s3_into_ray_data_batches(ray_local, bucket):
-    make_benchmark(f"s3://{bucket}/bench", rows=40, eval_rows=8, spec=SPEC, rows_per_shard=16,
-                   splits=("train", "val"))
+    make_benchmark(f"s3://{bucket}/bench", rows=40, eval_rows=8, spec=SPEC, rows_per_shard=16, splits=("train", "val"))
     assert storage.exists(f"s3://{bucket}/bench/benchmark.json")
     ds = build_dataset(f"s3://{bucket}/bench/train", DataConfig(decode_batch_size=8), TEXT, image_size=32, train=True)
     batches, stream = all_batches(ds, 16)
@@ -46,10 +45,12 @@ def test_benchmark_round_trips_through_s3_into_ray_data_batches(ray_local, bucke
 
 def test_hf_datasets_image_struct_and_a_renamed_caption_column_are_train_ready(ray_local, tmp_path):
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({
-        "image": pa.array([{"bytes": png((i * 20, 0, 0)), "path": f"{i}.png"} for i in range(10)], type=image_type),
-        "text": [f"a photo number {i}" for i in range(10)],
-    })
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": png((i * 20, 0, 0)), "path": f"{i}.png"} for i in range(10)], type=image_type),
+            "text": [f"a photo number {i}" for i in range(10)],
+        }
+    )
     pq.write_table(table, tmp_path / "hf.parquet")
     cfg = DataConfig(caption_column="text", decode_batch_size=4)
     ds = build_dataset(str(tmp_path / "hf.parquet"), cfg, TEXT, image_size=16, train=False)
@@ -121,10 +122,15 @@ def test_footer_readers_reach_rays_parquet_footer_indexer_and_the_environment_is
 def numbered_blocks(ray, rows: int, block_rows: int):
     """A real Ray Dataset shaped like the decoded stream: `id`, an `image` whose pixels are the id,
     and `valid` = 0 on every 7th row; blocks of `block_rows`, delivered in order."""
+
     def decoded(batch):
         ids = batch["id"]
-        return {"id": ids, "image": np.broadcast_to(ids[:, None, None] % 251, (len(ids), 2, 2)).astype(np.uint8),
-                "valid": (ids % 7 != 3).astype(np.uint8)}
+        return {
+            "id": ids,
+            "image": np.broadcast_to(ids[:, None, None] % 251, (len(ids), 2, 2)).astype(np.uint8),
+            "valid": (ids % 7 != 3).astype(np.uint8),
+        }
+
     return ray.data.range(rows, override_num_blocks=rows // block_rows).map_batches(decoded, batch_size=None)
 
 
@@ -144,11 +150,10 @@ def test_batch_stream_yields_each_valid_row_once_and_shuffles_within_its_buffer(
             assert stream._pinned <= 2 * fill + 10  # pinned blocks bounded (+ the block just added)
             epoch0.append(batch["id"].tolist())
         ids = [i for b in epoch0 for i in b]
-        assert stream.counters() == {"rows_seen": 200, "rows_skipped": 200 - len(valid),
-                                     "rows_dropped": len(valid) % 4}
+        assert stream.counters() == {"rows_seen": 200, "rows_skipped": 200 - len(valid), "rows_dropped": len(valid) % 4}
         assert len(set(ids)) == len(ids) and set(ids) <= set(valid) and len(ids) == len(valid) // 4 * 4
         if not shuffle_buffer:
-            assert ids == valid[:len(ids)]
+            assert ids == valid[: len(ids)]
             return
         assert ids != sorted(ids)
         assert max(epoch0[0]) < valid[fill + 10]  # first batch drawn from the first buffer-full (+ one block)
@@ -189,8 +194,7 @@ def test_pipeline_feeds_two_ray_train_workers_on_two_cpus_without_hanging(ray_lo
     from ray.train.torch import TorchTrainer
 
     make_benchmark(str(tmp_path / "b"), rows=32, eval_rows=0, spec=SPEC, rows_per_shard=8, splits=("train",))
-    ds = build_dataset(str(tmp_path / "b" / "train"), DataConfig(decode_batch_size=8), TEXT, image_size=32,
-                       train=True)
+    ds = build_dataset(str(tmp_path / "b" / "train"), DataConfig(decode_batch_size=8), TEXT, image_size=32, train=True)
 
     def loop(config):
         import json
@@ -203,9 +207,13 @@ def test_pipeline_feeds_two_ray_train_workers_on_two_cpus_without_hanging(ray_lo
         with open(f"{config['out']}/rank{rank}.json", "w") as f:
             json.dump({"shapes": shapes, **stream.counters()}, f)
 
-    trainer = TorchTrainer(loop, train_loop_config={"out": str(tmp_path)}, datasets={"train": ds},
-                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                           run_config=ray_local.train.RunConfig(storage_path=str(tmp_path / "runs")))
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"out": str(tmp_path)},
+        datasets={"train": ds},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray_local.train.RunConfig(storage_path=str(tmp_path / "runs")),
+    )
     trainer.fit()
     import json
 

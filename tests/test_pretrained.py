@@ -28,8 +28,10 @@ def test_image_and_text_towers_round_trip_through_a_local_path_and_s3(tmp_path, 
     storage.upload(tmp_path / "vit.safetensors", f"s3://{bucket}/weights/vit.safetensors")
     storage.upload(tmp_path / "t5", f"s3://{bucket}/weights/t5")
 
-    for image_uri, text_uri in ((tmp_path / "vit.safetensors", tmp_path / "t5"),
-                                (f"s3://{bucket}/weights/vit.safetensors", f"s3://{bucket}/weights/t5")):
+    for image_uri, text_uri in (
+        (tmp_path / "vit.safetensors", tmp_path / "t5"),
+        (f"s3://{bucket}/weights/vit.safetensors", f"s3://{bucket}/weights/t5"),
+    ):
         torch.manual_seed(2)  # a different random init, overwritten by the load
         loaded = fresh(f"model.image.pretrained={image_uri}", f"model.text.pretrained={text_uri}")
         assert_same_weights(loaded.image.vit, source.image.vit)
@@ -81,8 +83,10 @@ def test_full_t5_checkpoint_loads_its_encoder_and_ignores_the_decoder(tmp_path):
     full = T5ForConditionalGeneration(cfg)
     save_text_encoder(full, tmp_path / "t5-full")  # has decoder.* and shared weights
     loaded = fresh(f"model.text.pretrained={tmp_path / 't5-full'}")
-    assert torch.equal(loaded.text.encoder.encoder.block[1].layer[0].SelfAttention.q.weight,
-                       full.encoder.block[1].layer[0].SelfAttention.q.weight)
+    assert torch.equal(
+        loaded.text.encoder.encoder.block[1].layer[0].SelfAttention.q.weight,
+        full.encoder.block[1].layer[0].SelfAttention.q.weight,
+    )
     assert torch.equal(loaded.text.encoder.shared.weight, full.shared.weight)
 
 

@@ -25,16 +25,39 @@ def sweep_files(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("sweep")
     data = str(root / "data")
     make_benchmark(data, rows=96, eval_rows=16, spec=BenchmarkSpec(seed=5, image_size=32), rows_per_shard=96)
-    base = config.to_dict(tiny_config(
-        f"data.train={data}/train", f"data.val={data}/val", "data.shuffle_buffer=16", "data.decode_batch_size=16",
-        "train.num_workers=2", "train.cpus_per_worker=0.45", "train.global_batch_size=8", "train.steps=4",
-        "train.warmup_steps=1", "train.checkpoint_every=4", "train.val_every=2", "train.val_batches=1",
-        "train.log_every=2", "train.zero_stage=2", "train.wandb.mode=offline",
-        "eval.cpus_per_worker=0.9", "eval.rows_per_shard=8", "eval.examples=1", "eval.templates=simple"))
+    base = config.to_dict(
+        tiny_config(
+            f"data.train={data}/train",
+            f"data.val={data}/val",
+            "data.shuffle_buffer=16",
+            "data.decode_batch_size=16",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.45",
+            "train.global_batch_size=8",
+            "train.steps=4",
+            "train.warmup_steps=1",
+            "train.checkpoint_every=4",
+            "train.val_every=2",
+            "train.val_batches=1",
+            "train.log_every=2",
+            "train.zero_stage=2",
+            "train.wandb.mode=offline",
+            "eval.cpus_per_worker=0.9",
+            "eval.rows_per_shard=8",
+            "eval.examples=1",
+            "eval.templates=simple",
+        )
+    )
     (root / "base.yaml").write_text(yaml.safe_dump(base))
-    sweep = {"name": "two", "base": str(root / "base.yaml"), "storage": str(root / "sweeps"),
-             "axes": {"aggregation": ["max", "avg"]}, "eval_data": data,
-             "scheduler": {"name": "asha", "grace_period": 4}, "max_concurrent_trials": 1}
+    sweep = {
+        "name": "two",
+        "base": str(root / "base.yaml"),
+        "storage": str(root / "sweeps"),
+        "axes": {"aggregation": ["max", "avg"]},
+        "eval_data": data,
+        "scheduler": {"name": "asha", "grace_period": 4},
+        "max_concurrent_trials": 1,
+    }
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     return root
 
@@ -58,16 +81,23 @@ def test_a_two_trial_sweep_fills_the_table_from_real_evaluations_and_resumes(swe
     # Run it again: Tune restores the experiment and the finished trials are not run again.
     stamps = {r["label"]: (out / "eval" / r["label"] / "results.json").stat().st_mtime_ns for r in rows}
     again = run_sweep(sweep, trials, log=lambda *_: None)
-    assert [(r["label"], r["status"], r["seg_miou"]) for r in again] == [(r["label"], r["status"], r["seg_miou"]) for r in rows]
+    assert [(r["label"], r["status"], r["seg_miou"]) for r in again] == [
+        (r["label"], r["status"], r["seg_miou"]) for r in rows
+    ]
     assert {r["label"]: (out / "eval" / r["label"] / "results.json").stat().st_mtime_ns for r in rows} == stamps
 
 
 def test_a_sweep_naming_an_unknown_axis_value_fails_at_once(tmp_path, capsys):
     from clippy_ray.cli import main
 
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
-        "base": "configs/demo.yaml", "axes": {"aggregation": ["max", "mean"], "image_init": ["ssl"],
-                                              "dropout": [0.1]}}))
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": "configs/demo.yaml",
+                "axes": {"aggregation": ["max", "mean"], "image_init": ["ssl"], "dropout": [0.1]},
+            }
+        )
+    )
     assert main(["tune", "--config", str(tmp_path / "s.yaml")]) == 2
     err = capsys.readouterr().err
     assert "axes.aggregation: 'mean' is not one of max, avg, cls" in err
@@ -78,9 +108,16 @@ def test_a_sweep_naming_an_unknown_axis_value_fails_at_once(tmp_path, capsys):
 def test_a_sweep_whose_local_data_is_missing_fails_before_any_trial(sweep_files, tmp_path, capsys):
     from clippy_ray.cli import main
 
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
-        "base": str(sweep_files / "base.yaml"), "storage": str(tmp_path / "sweeps"),
-        "axes": {"aggregation": ["max"]}, "eval_data": str(tmp_path / "no-such-data")}))
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": str(sweep_files / "base.yaml"),
+                "storage": str(tmp_path / "sweeps"),
+                "axes": {"aggregation": ["max"]},
+                "eval_data": str(tmp_path / "no-such-data"),
+            }
+        )
+    )
     assert main(["tune", "--config", str(tmp_path / "s.yaml")]) == 2
     assert f"eval_data: {tmp_path / 'no-such-data'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists()
@@ -94,8 +131,11 @@ def test_asha_stops_a_trailing_trial_at_a_rung_but_never_on_its_last_step():
     from clippy_ray.tune.config import SchedulerConfig
     from clippy_ray.tune.sweep import _scheduler
 
-    sweep = SweepConfig(base="b.yaml", axes={"aggregation": ["max", "avg", "cls"]},
-                        scheduler=SchedulerConfig(name="asha", grace_period=2, reduction_factor=2))
+    sweep = SweepConfig(
+        base="b.yaml",
+        axes={"aggregation": ["max", "avg", "cls"]},
+        scheduler=SchedulerConfig(name="asha", grace_period=2, reduction_factor=2),
+    )
     asha = _scheduler(sweep, max_steps=8)  # rungs at steps 2, 4 and 8
     good, bad, late = (SimpleNamespace(trial_id=t) for t in ("good", "bad", "late"))
     for t in (good, bad, late):
@@ -115,8 +155,9 @@ REMOTE_DATA = ["data.train=s3://bucket/train", "data.val=s3://bucket/val"]  # no
 
 def _sweep_file(tmp_path, axes: dict, **extra) -> str:
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"base": "configs/demo.yaml", "overrides": REMOTE_DATA, "axes": axes, **extra},
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump({"base": "configs/demo.yaml", "overrides": REMOTE_DATA, "axes": axes, **extra}, sort_keys=False)
+    )
     return str(path)
 
 
@@ -134,20 +175,35 @@ def test_a_preset_and_a_dotted_key_make_the_product_grid(tmp_path):
     sweep, trials = load_sweep(_sweep_file(tmp_path, {"aggregation": ["max", "avg"], "train.lr": [0.001, 0.0005]}))
     assert [label(sweep, s) for s in settings(sweep)] == ["max_lr0.001", "max_lr0.0005", "avg_lr0.001", "avg_lr0.0005"]
     assert [(t.model.aggregation, t.train.lr) for t in trials] == [
-        ("max", 0.001), ("max", 0.0005), ("avg", 0.001), ("avg", 0.0005)]
+        ("max", 0.001),
+        ("max", 0.0005),
+        ("avg", 0.001),
+        ("avg", 0.0005),
+    ]
 
 
 def test_trial_names_stay_unique_and_path_safe_for_any_values(tmp_path):
-    sweep, trials = load_sweep(_sweep_file(tmp_path, {
-        "model.image.pretrained": [None, "s3://w/dino.pth"], "model.text.pretrained": [None],
-        "model.text.tokenizer": ["s3://w/a_b", "s3://w/a-b"], "model.token_keep_ratio": [None, 0.25]}))
+    sweep, trials = load_sweep(
+        _sweep_file(
+            tmp_path,
+            {
+                "model.image.pretrained": [None, "s3://w/dino.pth"],
+                "model.text.pretrained": [None],
+                "model.text.tokenizer": ["s3://w/a_b", "s3://w/a-b"],
+                "model.token_keep_ratio": [None, 0.25],
+            },
+        )
+    )
     names = [label(sweep, s) for s in settings(sweep)]
-    assert names[:2] == ["image-pretrained-null_text-pretrained-null_tokenizer-s3-w-a-b-1_token-keep-ratio-null",
-                         "image-pretrained-null_text-pretrained-null_tokenizer-s3-w-a-b-1_token-keep-ratio0.25"]
+    assert names[:2] == [
+        "image-pretrained-null_text-pretrained-null_tokenizer-s3-w-a-b-1_token-keep-ratio-null",
+        "image-pretrained-null_text-pretrained-null_tokenizer-s3-w-a-b-1_token-keep-ratio0.25",
+    ]
     assert len(set(names)) == len(names) == 8
     assert all(n.replace("_", "").replace("-", "").replace(".", "").isalnum() for n in names)
     assert {(t.model.image.pretrained, t.model.text.tokenizer) for t in trials} == {
-        (image, tok) for image in (None, "s3://w/dino.pth") for tok in ("s3://w/a_b", "s3://w/a-b")}
+        (image, tok) for image in (None, "s3://w/dino.pth") for tok in ("s3://w/a_b", "s3://w/a-b")
+    }
 
 
 def test_a_sweep_with_an_unknown_dotted_key_or_a_bad_value_fails_with_one_line_naming_each(tmp_path):
@@ -160,14 +216,24 @@ def test_a_sweep_with_an_unknown_dotted_key_or_a_bad_value_fails_with_one_line_n
 
 def test_an_axis_may_not_vary_a_key_a_preset_or_the_sweep_already_sets(tmp_path):
     with pytest.raises(config.ConfigError) as err:
-        load_sweep(_sweep_file(tmp_path, {"token_subsampling": ["off"], "model.token_keep_ratio": [0.5],
-                                          "train.run_name": ["a"], "aggregation": ["max", "max"]}))
+        load_sweep(
+            _sweep_file(
+                tmp_path,
+                {
+                    "token_subsampling": ["off"],
+                    "model.token_keep_ratio": [0.5],
+                    "train.run_name": ["a"],
+                    "aggregation": ["max", "max"],
+                },
+            )
+        )
     assert err.value.errors == [
         "axes.model.token_keep_ratio: model.token_keep_ratio is also set by the token_subsampling preset; "
         "keep one of the two axes",
         "axes.train.run_name: train.run_name is set by the sweep for each trial (its run folder, W&B group); "
         "not an axis",
-        "axes.aggregation: 'max' is listed twice"]
+        "axes.aggregation: 'max' is listed twice",
+    ]
 
 
 def test_the_paper_presets_expand_to_the_overrides_they_stood_for(tmp_path):
@@ -187,8 +253,14 @@ def test_the_paper_presets_expand_to_the_overrides_they_stood_for(tmp_path):
         assert (label(sweep, {axis: value}), trial_overrides(sweep, {axis: value})) == (name, overrides)
     # The demo's base keeps half the tokens; the preset's "off" turns sub-sampling off in the resolved config.
     demo = config.load("configs/ablation_demo.yaml", cls=SweepConfig)
-    assert [label(demo, s) for s in settings(demo)] == ["max_sub-off", "max_sub0.5", "avg_sub-off", "avg_sub0.5",
-                                                        "cls_sub-off", "cls_sub0.5"]
+    assert [label(demo, s) for s in settings(demo)] == [
+        "max_sub-off",
+        "max_sub0.5",
+        "avg_sub-off",
+        "avg_sub0.5",
+        "cls_sub-off",
+        "cls_sub0.5",
+    ]
     assert trial_config(demo, {"token_subsampling": "off"}).model.token_keep_ratio is None
     assert trial_config(demo, {"aggregation": "avg", "token_subsampling": 0.5}).model.aggregation == "avg"
 

@@ -36,12 +36,20 @@ def test_a_t5_spiece_model_folder_is_used_as_t5s_sentencepiece_tokenizer(tmp_pat
     (tmp_path / "corpus.txt").write_text("\n".join(CAPTIONS * 20))
     folder = tmp_path / "t5tok"
     folder.mkdir()
-    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(folder / "spiece"),
-                                   vocab_size=30, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"),
+        model_prefix=str(folder / "spiece"),
+        vocab_size=30,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+    )
     (folder / "spiece.vocab").unlink()
     tok = build_tokenizer(TextConfig(tokenizer=str(folder), max_length=16))
     proc = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
     ids = tok(["two blue stars"])["input_ids"][0]
     expected = proc.encode("two blue stars") + [1]  # T5 appends </s>
-    assert ids[:len(expected)].tolist() == expected
-    assert (ids[len(expected):] == 0).all()
+    assert ids[: len(expected)].tolist() == expected
+    assert (ids[len(expected) :] == 0).all()

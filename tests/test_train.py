@@ -32,6 +32,7 @@ def _free_port() -> int:
 
 # ---------------------------------------------------------------- handoff export, no Ray
 
+
 def _export_worker(rank: int, port: int, stage: int, out: str):
     import torch.distributed as dist
 
@@ -45,8 +46,18 @@ def _export_worker(rank: int, port: int, stage: int, out: str):
         from clippy_ray.train.checkpoint import full_state_dict
         from clippy_ray.train.engine import build_engine
 
-        cfg = config.load(None, TINY + [f"train.zero_stage={stage}", "train.num_workers=1", "train.global_batch_size=4",
-                                        "train.precision=bf16", "train.steps=3", "train.warmup_steps=0"])
+        cfg = config.load(
+            None,
+            TINY
+            + [
+                f"train.zero_stage={stage}",
+                "train.num_workers=1",
+                "train.global_batch_size=4",
+                "train.precision=bf16",
+                "train.steps=3",
+                "train.warmup_steps=0",
+            ],
+        )
         torch.manual_seed(0)
         tok = build_tokenizer(cfg.model.text)
         model = build_model(cfg.model, tok.vocab_size)
@@ -61,8 +72,10 @@ def _export_worker(rank: int, port: int, stage: int, out: str):
         with torch.no_grad():
             img, txt, _ = engine(normalize(images, torch.bfloat16), ids, mask)
         export_handoff(engine.module, full_state_dict(engine), cfg, tok, os.path.join(out, "model"))
-        torch.save({"img": img.float(), "txt": txt.float(), "images": images, "ids": ids, "mask": mask},
-                   os.path.join(out, "engine.pt"))
+        torch.save(
+            {"img": img.float(), "txt": txt.float(), "images": images, "ids": ids, "mask": mask},
+            os.path.join(out, "engine.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -80,29 +93,54 @@ def test_handoff_export_loads_without_deepspeed_and_gives_the_engines_embeddings
         img, txt, _ = model(normalize(ref["images"], torch.bfloat16), ref["ids"], ref["mask"])
     # ZeRO-0/1/2 run the module's own layers: bit-identical. ZeRO-3 runs its own linear function
     # over gathered partitions (another kernel path): equal to within one bf16 step (2^-8).
-    tol = 0.0 if stage < 3 else 2.0 ** -8
+    tol = 0.0 if stage < 3 else 2.0**-8
     torch.testing.assert_close(img.float(), ref["img"], rtol=0, atol=tol)
     torch.testing.assert_close(txt.float(), ref["txt"], rtol=0, atol=tol)
 
 
 def test_bad_train_config_is_one_error_line_before_any_worker_starts():
     bin_ = Path(sys.executable).parent / "clippy-ray"
-    out = subprocess.run([str(bin_), "train", "train.zero_stage=5", "train.lr=-0.1", "train.global_batch_size=30",
-                          "train.num_workers=4", "model.nope=1"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            str(bin_),
+            "train",
+            "train.zero_stage=5",
+            "train.lr=-0.1",
+            "train.global_batch_size=30",
+            "train.num_workers=4",
+            "model.nope=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "ray" not in out.stdout.lower()
     assert "model.nope: unknown key" in out.stderr  # unknown keys stop the build before validation
-    out = subprocess.run([str(bin_), "train", "train.zero_stage=5", "train.lr=-0.1", "train.global_batch_size=30",
-                          "train.num_workers=4"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            str(bin_),
+            "train",
+            "train.zero_stage=5",
+            "train.lr=-0.1",
+            "train.global_batch_size=30",
+            "train.num_workers=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert any("train.zero_stage: 5 is not a DeepSpeed ZeRO stage (0, 1, 2 or 3)" in line for line in lines)
     assert any("train.lr: -0.1 must be > 0" in line for line in lines)
-    assert any("train.global_batch_size: 30 is not divisible by num_workers x grad_accum_steps = 4" in line
-               for line in lines)
+    assert any(
+        "train.global_batch_size: 30 is not divisible by num_workers x grad_accum_steps = 4" in line for line in lines
+    )
 
 
 # ---------------------------------------------------------------- Ray Train + DeepSpeed runs
+
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
@@ -111,18 +149,39 @@ def bench(tmp_path_factory):
 
     if not ray.is_initialized():
         pytest.skip("needs the session's Ray")
-    make_benchmark(str(out), rows=160, eval_rows=32, spec=BenchmarkSpec(seed=0, image_size=32), rows_per_shard=40,
-                   splits=("train", "val"))
+    make_benchmark(
+        str(out),
+        rows=160,
+        eval_rows=32,
+        spec=BenchmarkSpec(seed=0, image_size=32),
+        rows_per_shard=40,
+        splits=("train", "val"),
+    )
     return out
 
 
 def train_cfg(bench: Path, storage_uri: str, name: str, *overrides: str) -> config.Config:
-    return config.load(None, TINY + [
-        f"data.train={bench / 'train'}", f"data.val={bench / 'val'}", "data.shuffle_buffer=0",
-        "data.decode_batch_size=16", f"train.storage={storage_uri}", f"train.run_name={name}",
-        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.global_batch_size=16", "train.lr=2e-3",
-        "train.warmup_steps=2", "train.weight_decay=0.0", "train.wandb.mode=disabled", "train.val_batches=1",
-        *overrides])
+    return config.load(
+        None,
+        TINY
+        + [
+            f"data.train={bench / 'train'}",
+            f"data.val={bench / 'val'}",
+            "data.shuffle_buffer=0",
+            "data.decode_batch_size=16",
+            f"train.storage={storage_uri}",
+            f"train.run_name={name}",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "train.global_batch_size=16",
+            "train.lr=2e-3",
+            "train.warmup_steps=2",
+            "train.weight_decay=0.0",
+            "train.wandb.mode=disabled",
+            "train.val_batches=1",
+            *overrides,
+        ],
+    )
 
 
 def optimizer_state(checkpoint_uri: str, rank: int = 0) -> dict:
@@ -135,16 +194,38 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
     from clippy_ray.train.trainer import fit
 
     uri = f"s3://{bucket}/runs"
-    first = fit(train_cfg(bench, uri, "resume", "train.steps=12", "train.checkpoint_every=6",
-                          "train.log_every=6", "train.keep_checkpoints=3", "train.zero_stage=2", "train.precision=bf16"))
+    first = fit(
+        train_cfg(
+            bench,
+            uri,
+            "resume",
+            "train.steps=12",
+            "train.checkpoint_every=6",
+            "train.log_every=6",
+            "train.keep_checkpoints=3",
+            "train.zero_stage=2",
+            "train.precision=bf16",
+        )
+    )
     assert first.metrics["step"] == 12
     losses = first.metrics_dataframe.sort_values("step")["loss"].tolist()
     assert len(losses) == 2 and losses[1] < losses[0], losses  # mean loss of steps 7-12 < steps 1-6
     ckpt12 = f"{uri}/resume/step_00000012"
     assert storage.exists(f"{ckpt12}/model/model.safetensors") and storage.exists(f"{uri}/resume/config.yaml")
 
-    second = fit(train_cfg(bench, uri, "resume", "train.steps=14", "train.checkpoint_every=6",
-                           "train.log_every=6", "train.keep_checkpoints=3", "train.zero_stage=2", "train.precision=bf16"))
+    second = fit(
+        train_cfg(
+            bench,
+            uri,
+            "resume",
+            "train.steps=14",
+            "train.checkpoint_every=6",
+            "train.log_every=6",
+            "train.keep_checkpoints=3",
+            "train.zero_stage=2",
+            "train.precision=bf16",
+        )
+    )
     assert second.metrics["step"] == 14
     state14 = json.loads(storage.fetch(f"{uri}/resume/step_00000014/train_state.json").read_text())
     state12 = json.loads(storage.fetch(f"{ckpt12}/train_state.json").read_text())
@@ -156,7 +237,7 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
     before, after = optimizer_state(ckpt12)["state"][0], optimizer_state(f"{uri}/resume/step_00000014")["state"][0]
     assert int(before["step"]) == 12 and int(after["step"]) == 14
     beta2 = config.TrainConfig().betas[1]
-    assert torch.all(after["exp_avg_sq"] >= before["exp_avg_sq"] * beta2 ** 2 * (1 - 1e-5))
+    assert torch.all(after["exp_avg_sq"] >= before["exp_avg_sq"] * beta2**2 * (1 - 1e-5))
     assert not torch.equal(after["exp_avg_sq"], before["exp_avg_sq"])
 
 
@@ -164,8 +245,18 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
 def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, stage, precision):
     from clippy_ray.train.trainer import fit
 
-    result = fit(train_cfg(bench, str(tmp_path), f"zero{stage}", "train.steps=2", "train.checkpoint_every=2",
-                           "train.log_every=1", f"train.zero_stage={stage}", f"train.precision={precision}"))
+    result = fit(
+        train_cfg(
+            bench,
+            str(tmp_path),
+            f"zero{stage}",
+            "train.steps=2",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            f"train.zero_stage={stage}",
+            f"train.precision={precision}",
+        )
+    )
     assert result.metrics["step"] == 2 and np.isfinite(result.metrics["loss"])
     assert (Path(result.checkpoint.path) / "model" / "model.safetensors").exists()
 
@@ -186,8 +277,16 @@ def _train_workers() -> list[psutil.Process]:
 def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_completes(ray_local, bench, tmp_path):
     from clippy_ray.train.trainer import fit
 
-    cfg = train_cfg(bench, str(tmp_path), "kill", "train.steps=10", "train.checkpoint_every=3", "train.log_every=1",
-                    "train.max_failures=1", "train.zero_stage=2")
+    cfg = train_cfg(
+        bench,
+        str(tmp_path),
+        "kill",
+        "train.steps=10",
+        "train.checkpoint_every=3",
+        "train.log_every=1",
+        "train.max_failures=1",
+        "train.zero_stage=2",
+    )
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(r=fit(cfg)), daemon=True)
     thread.start()
@@ -210,18 +309,26 @@ def test_from_starts_a_new_run_with_the_weights_or_the_full_state_of_a_checkpoin
 
     from clippy_ray.train.trainer import fit
 
-    common = ("train.checkpoint_every=2", "train.log_every=1", "train.zero_stage=2", "train.lr=1e-5",
-              "train.warmup_steps=0")
+    common = (
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "train.zero_stage=2",
+        "train.lr=1e-5",
+        "train.warmup_steps=0",
+    )
     source = fit(train_cfg(bench, str(tmp_path), "source", "train.steps=2", "train.wandb.mode=offline", *common))
     assert list((tmp_path / "source" / "wandb").glob("offline-run-*"))  # W&B offline, rank 0 only
     ckpt = source.checkpoint.path
-    weights = fit(train_cfg(bench, str(tmp_path), "weights", "train.steps=1", *common), init_from=ckpt,
-                  init_mode="weights")
+    weights = fit(
+        train_cfg(bench, str(tmp_path), "weights", "train.steps=1", *common), init_from=ckpt, init_mode="weights"
+    )
     full = fit(train_cfg(bench, str(tmp_path), "full", "train.steps=3", *common), init_from=ckpt, init_mode="full")
 
     assert weights.metrics["step"] == 1 and full.metrics["step"] == 3  # full state continues at step 2
-    adam_step = {name: int(optimizer_state(res.checkpoint.path)["state"][0]["step"])
-                 for name, res in (("weights", weights), ("full", full))}
+    adam_step = {
+        name: int(optimizer_state(res.checkpoint.path)["state"][0]["step"])
+        for name, res in (("weights", weights), ("full", full))
+    }
     assert adam_step == {"weights": 1, "full": 3}
     # weights mode starts from the checkpoint's weights (one tiny step away), not a fresh init
     a = load_file(f"{ckpt}/model/model.safetensors")

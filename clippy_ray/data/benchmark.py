@@ -19,10 +19,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = ("background", "circle", "square", "triangle", "star", "cross", "ring", "heart", "arrow")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-           "cross": "crosses", "ring": "rings", "heart": "hearts", "arrow": "arrows"}
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-          "yellow": (240, 210, 40), "purple": (150, 60, 190), "orange": (245, 130, 30)}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "cross": "crosses",
+    "ring": "rings",
+    "heart": "hearts",
+    "arrow": "arrows",
+}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 130, 30),
+}
 BACKGROUNDS = ("stripes", "checks", "noise", "gradient")
 BACKGROUND_WORDS = {"stripes": "striped", "checks": "checkered", "noise": "noisy", "gradient": "gradient"}
 SPLITS = ("train", "val", "train-spurious", "test-matched", "test-swapped")
@@ -46,6 +60,7 @@ class BenchmarkSpec:
 
 # ------------------------------------------------------------------------------- shapes
 
+
 def _shape(cls: str) -> list[np.ndarray]:
     """Unit-radius outline(s) of a class: the first polygon is filled, the others are holes."""
     t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
@@ -65,8 +80,24 @@ def _shape(cls: str) -> list[np.ndarray]:
         return [np.stack([r * np.cos(a), -r * np.sin(a)], 1)]
     if cls == "cross":
         w = 0.33
-        return [np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1],
-                          [-w, w], [-1, w], [-1, -w], [-w, -w]])]
+        return [
+            np.array(
+                [
+                    [-w, -1],
+                    [w, -1],
+                    [w, -w],
+                    [1, -w],
+                    [1, w],
+                    [w, w],
+                    [w, 1],
+                    [-w, 1],
+                    [-w, w],
+                    [-1, w],
+                    [-1, -w],
+                    [-w, -w],
+                ]
+            )
+        ]
     if cls == "heart":
         x = 16 * np.sin(t) ** 3
         y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
@@ -88,6 +119,7 @@ def object_mask(cls: str, size: int, center: tuple[float, float], radius: float,
 
 
 # ------------------------------------------------------------------------------- backgrounds
+
 
 def _muted(rng: np.random.Generator) -> np.ndarray:
     return 0.5 * rng.uniform(0, 255, 3) + 0.5 * 128
@@ -118,6 +150,7 @@ def background(family: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- scenes
+
 
 @dataclass
 class Scene:
@@ -166,8 +199,15 @@ def _objects_phrase(classes: list[int], colors: list[str], rng: np.random.Genera
 def caption_for(classes: list[int], colors: list[str], family: str, rng: np.random.Generator) -> str:
     objects = _objects_phrase(classes, colors, rng)
     bg = BACKGROUND_WORDS[family]
-    templates = ["{o}", "a photo of {o}", "an image with {o}", "{o} on a {b} background",
-                 "a picture of {o} over a {b} pattern", "there is {o} here", "{o}, {b} backdrop"]
+    templates = [
+        "{o}",
+        "a photo of {o}",
+        "an image with {o}",
+        "{o} on a {b} background",
+        "a picture of {o} over a {b} pattern",
+        "there is {o} here",
+        "{o}, {b} backdrop",
+    ]
     return templates[int(rng.integers(len(templates)))].format(o=objects, b=bg)
 
 
@@ -200,8 +240,7 @@ def make_scene(spec: BenchmarkSpec, split: str, index: int) -> Scene:
         where = instance == k
         image[where] = COLORS[color]
         semantic[where] = cls
-    return Scene(image, bg, semantic, instance, classes, colors, family,
-                 caption_for(classes, colors, family, rng))
+    return Scene(image, bg, semantic, instance, classes, colors, family, caption_for(classes, colors, family, rng))
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -220,8 +259,9 @@ def encode_image(array: np.ndarray, fmt: str) -> bytes:
 
 def make_rows(spec: BenchmarkSpec, split: str, start: int, stop: int) -> dict[str, list]:
     """Rows [start, stop) of a split as parquet-ready columns."""
-    cols: dict[str, list] = {k: [] for k in ("key", "image", "caption", "mask", "instance_mask",
-                                              "labels", "background", "split")}
+    cols: dict[str, list] = {
+        k: [] for k in ("key", "image", "caption", "mask", "instance_mask", "labels", "background", "split")
+    }
     for index in range(start, stop):
         scene = make_scene(spec, split, index)
         cols["key"].append(f"{split}-{index:08d}")

@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs  # noqa: F401 - pa.fs
 import pyarrow.dataset as pads
+import pyarrow.fs  # noqa: F401 - pa.fs
 import pyarrow.parquet as pq
 import ray
 
@@ -20,11 +20,18 @@ from clippy_ray.data import benchmark
 from clippy_ray.data.schema import check_columns, image_bytes
 from clippy_ray.errors import InputError
 
-BENCHMARK_SCHEMA = pa.schema([
-    ("key", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("mask", pa.binary()),
-    ("instance_mask", pa.binary()), ("labels", pa.list_(pa.int32())), ("background", pa.string()),
-    ("split", pa.string()),
-])
+BENCHMARK_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image", pa.binary()),
+        ("caption", pa.string()),
+        ("mask", pa.binary()),
+        ("instance_mask", pa.binary()),
+        ("labels", pa.list_(pa.int32())),
+        ("background", pa.string()),
+        ("split", pa.string()),
+    ]
+)
 
 
 def write_table(table: pa.Table, uri: str) -> None:
@@ -47,8 +54,14 @@ def _benchmark_shard(spec: benchmark.BenchmarkSpec, split: str, start: int, stop
     return table.num_rows
 
 
-def make_benchmark(out: str, rows: int, eval_rows: int | None = None, spec: benchmark.BenchmarkSpec | None = None,
-                   rows_per_shard: int = 500, splits: tuple[str, ...] = benchmark.SPLITS) -> dict:
+def make_benchmark(
+    out: str,
+    rows: int,
+    eval_rows: int | None = None,
+    spec: benchmark.BenchmarkSpec | None = None,
+    rows_per_shard: int = 500,
+    splits: tuple[str, ...] = benchmark.SPLITS,
+) -> dict:
     """Write every split as parquet shards under `out/<split>/` plus `out/benchmark.json`.
     `rows` rows for the training splits, `eval_rows` (default max(64, rows // 5)) for the others."""
     spec = spec or benchmark.BenchmarkSpec()
@@ -62,10 +75,15 @@ def make_benchmark(out: str, rows: int, eval_rows: int | None = None, spec: benc
             pending.append(_benchmark_shard.remote(spec, split, start, min(n, start + rows_per_shard), uri))
     written = sum(ray.get(pending))
     assert written == sum(counts.values()), (written, counts)
-    meta = {"spec": dataclasses.asdict(spec), "rows": counts, "classes": list(benchmark.CLASSES),
-            "backgrounds": list(benchmark.BACKGROUNDS),
-            "spurious_background": {benchmark.CLASSES[c]: benchmark.spurious_background(c)
-                                    for c in range(1, len(benchmark.CLASSES))}}
+    meta = {
+        "spec": dataclasses.asdict(spec),
+        "rows": counts,
+        "classes": list(benchmark.CLASSES),
+        "backgrounds": list(benchmark.BACKGROUNDS),
+        "spurious_background": {
+            benchmark.CLASSES[c]: benchmark.spurious_background(c) for c in range(1, len(benchmark.CLASSES))
+        },
+    }
     fs, path = storage.resolve(storage.join(out, "benchmark.json"))
     if not storage.is_s3(out):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -105,10 +123,15 @@ def inspect(uri: str, image_column: str = "image", caption_column: str = "captio
                 decoded += 1
         except Exception:  # noqa: BLE001 - counting undecodable images is the point
             pass
-    return {"uri": uri, "files": len(ds.files), "rows": ds.count_rows(),
-            "columns": {f.name: str(f.type) for f in ds.schema},
-            "captions": head.column(caption_column).to_pylist()[:5],
-            "sampled": head.num_rows, "decoded": decoded}
+    return {
+        "uri": uri,
+        "files": len(ds.files),
+        "rows": ds.count_rows(),
+        "columns": {f.name: str(f.type) for f in ds.schema},
+        "captions": head.column(caption_column).to_pylist()[:5],
+        "sampled": head.num_rows,
+        "decoded": decoded,
+    }
 
 
 def _read_images(batch: dict[str, np.ndarray], root: str, path_column: str, caption_column: str) -> dict:
@@ -130,12 +153,21 @@ def _read_images(batch: dict[str, np.ndarray], root: str, path_column: str, capt
         keys.append(str(rel))
         images.append(data)
         captions.append(caption.strip())
-    return {"key": np.asarray(keys, dtype=object), "image": np.asarray(images, dtype=object),
-            "caption": np.asarray(captions, dtype=object)}
+    return {
+        "key": np.asarray(keys, dtype=object),
+        "image": np.asarray(images, dtype=object),
+        "caption": np.asarray(captions, dtype=object),
+    }
 
 
-def convert(index: str, out: str, image_root: str | None = None, rows_per_shard: int = 10_000,
-            path_column: str = "path", caption_column: str = "caption") -> dict:
+def convert(
+    index: str,
+    out: str,
+    image_root: str | None = None,
+    rows_per_shard: int = 10_000,
+    path_column: str = "path",
+    caption_column: str = "caption",
+) -> dict:
     """A CSV (or .tsv) index with `path` and `caption` columns, paths relative to `image_root`
     (default: the index's folder) -> parquet shards of about `rows_per_shard` rows under `out`.
     Rows whose image is missing or undecodable, or whose caption is empty, are skipped and counted."""
@@ -148,16 +180,20 @@ def convert(index: str, out: str, image_root: str | None = None, rows_per_shard:
     columns = ds.schema().names
     for col in (path_column, caption_column):
         if col not in columns:
-            raise InputError(f"{index}: no column {col!r} in the index; columns found: {', '.join(columns)} "
-                             "(the first line must be a header naming the image path and caption columns)")
+            raise InputError(
+                f"{index}: no column {col!r} in the index; columns found: {', '.join(columns)} "
+                "(the first line must be a header naming the image path and caption columns)"
+            )
     out_fs, out_path = storage.resolve(out)
     if storage.exists(out) and out_fs.get_file_info(pa.fs.FileSelector(out_path, recursive=True)):
         raise InputError(f"{out}: not empty; convert writes into an empty location")
     total = ds.count()
-    good = ds.map_batches(_read_images, fn_kwargs=dict(root=root, path_column=path_column,
-                                                       caption_column=caption_column),
-                          batch_format="numpy", batch_size=256)
-    good.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=rows_per_shard,
-                       max_rows_per_file=rows_per_shard)
+    good = ds.map_batches(
+        _read_images,
+        fn_kwargs=dict(root=root, path_column=path_column, caption_column=caption_column),
+        batch_format="numpy",
+        batch_size=256,
+    )
+    good.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard)
     written = _parquet_dataset(out).count_rows()
     return {"index": index, "out": out, "rows": total, "written": written, "skipped": total - written}

@@ -49,8 +49,12 @@ def read_parquet(uri: str, columns: list[str], cfg: DataConfig, first_epoch: int
     previous = os.environ.get(FOOTER_READERS_ENV)
     os.environ[FOOTER_READERS_ENV] = str(cfg.footer_readers)
     try:
-        ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=cfg.read_cpus,
-                                   shuffle=EpochFileShuffle(seed=cfg.seed, first_epoch=first_epoch))
+        ds = ray.data.read_parquet(
+            path,
+            filesystem=fs,
+            num_cpus=cfg.read_cpus,
+            shuffle=EpochFileShuffle(seed=cfg.seed, first_epoch=first_epoch),
+        )
         schema = ds.schema()  # parquet footers only; nothing is decoded yet
     except OSError as err:
         raise storage.StorageError(f"{uri}: {str(err).strip().splitlines()[0]}") from None
@@ -70,8 +74,17 @@ def _tokenizer(text_cfg: tuple):
     return build_tokenizer(TextConfig(**dict(text_cfg)))
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], *, image_column: str, caption_column: str, size: int,
-                     train: bool, min_scale: float, text_cfg: tuple, seed: int) -> dict[str, np.ndarray]:
+def preprocess_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    image_column: str,
+    caption_column: str,
+    size: int,
+    train: bool,
+    min_scale: float,
+    text_cfg: tuple,
+    seed: int,
+) -> dict[str, np.ndarray]:
     """One map_batches call: {image, caption} -> {image uint8 [N,3,S,S], input_ids, attention_mask,
     valid uint8 [N]}. Augmentation randomness is fresh per call in training, fixed in eval."""
     n = len(batch[caption_column])
@@ -92,12 +105,17 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, image_column: str, caption
             continue
         valid[i] = 1
     tokens = _tokenizer(text_cfg)(captions)
-    return {"image": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-            "valid": valid}
+    return {
+        "image": images,
+        "input_ids": tokens["input_ids"],
+        "attention_mask": tokens["attention_mask"],
+        "valid": valid,
+    }
 
 
-def build_dataset(uri: str, data_cfg: DataConfig, text_cfg: TextConfig, image_size: int, train: bool,
-                  first_epoch: int = 0) -> ray.data.Dataset:
+def build_dataset(
+    uri: str, data_cfg: DataConfig, text_cfg: TextConfig, image_size: int, train: bool, first_epoch: int = 0
+) -> ray.data.Dataset:
     """The streaming dataset the training loop consumes (one row per input row, bad ones flagged)."""
     ds = read_parquet(uri, [data_cfg.image_column, data_cfg.caption_column], data_cfg, first_epoch)
     # Set on this dataset's own context (the datasets derived from it, including what Ray Train
@@ -114,12 +132,22 @@ def build_dataset(uri: str, data_cfg: DataConfig, text_cfg: TextConfig, image_si
     # whole read phase). This pipeline is three task operators in a line, which the reservation is
     # not needed for.
     ds.context.op_resource_reservation_enabled = False
-    fn_kwargs = dict(image_column=data_cfg.image_column, caption_column=data_cfg.caption_column, size=image_size,
-                     train=train, min_scale=data_cfg.min_crop_scale,
-                     text_cfg=tuple(sorted((k, v) for k, v in vars(text_cfg).items() if k != "hf_config")),
-                     seed=data_cfg.seed)
-    return ds.map_batches(preprocess_batch, fn_kwargs=fn_kwargs, batch_size=data_cfg.decode_batch_size,
-                          batch_format="numpy", num_cpus=data_cfg.decode_cpus)
+    fn_kwargs = dict(
+        image_column=data_cfg.image_column,
+        caption_column=data_cfg.caption_column,
+        size=image_size,
+        train=train,
+        min_scale=data_cfg.min_crop_scale,
+        text_cfg=tuple(sorted((k, v) for k, v in vars(text_cfg).items() if k != "hf_config")),
+        seed=data_cfg.seed,
+    )
+    return ds.map_batches(
+        preprocess_batch,
+        fn_kwargs=fn_kwargs,
+        batch_size=data_cfg.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=data_cfg.decode_cpus,
+    )
 
 
 class BatchStream:
@@ -200,8 +228,8 @@ class BatchStream:
                 slots[i] = slots[-1]
                 slots.pop()
         else:
-            picked = slots[:self.batch_size]
-            del slots[:self.batch_size]
+            picked = slots[: self.batch_size]
+            del slots[: self.batch_size]
         return {k: torch.from_numpy(v) for k, v in self._gather(picked).items()}
 
     def _gather(self, picked: list[tuple[int, int]]) -> dict[str, np.ndarray]:

@@ -24,8 +24,14 @@ def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def check_columns(schema: pa.Schema, uri: str, image_column: str, caption_column: str,
-                  image_field: str = "data.image_column", caption_field: str = "data.caption_column") -> None:
+def check_columns(
+    schema: pa.Schema,
+    uri: str,
+    image_column: str,
+    caption_column: str,
+    image_field: str = "data.image_column",
+    caption_field: str = "data.caption_column",
+) -> None:
     """Fail with one line if the image or caption column is missing or of the wrong type."""
     found = ", ".join(f"{f.name} ({f.type})" for f in schema)
     names = schema.names
@@ -33,15 +39,22 @@ def check_columns(schema: pa.Schema, uri: str, image_column: str, caption_column
         raise DataSchemaError(f"{uri}: no image column {image_column!r} (set {image_field}); columns found: {found}")
     itype = schema.field(image_column).type
     struct_ok = pa.types.is_struct(itype) and any(
-        itype.field(i).name == "bytes" and _is_binary(itype.field(i).type) for i in range(itype.num_fields))
+        itype.field(i).name == "bytes" and _is_binary(itype.field(i).type) for i in range(itype.num_fields)
+    )
     if not (_is_binary(itype) or struct_ok):
-        raise DataSchemaError(f"{uri}: image column {image_column!r} is {itype}; expected encoded image bytes "
-                              f"(binary) or a {{bytes, path}} struct; columns found: {found}")
+        raise DataSchemaError(
+            f"{uri}: image column {image_column!r} is {itype}; expected encoded image bytes "
+            f"(binary) or a {{bytes, path}} struct; columns found: {found}"
+        )
     if caption_column not in names:
-        raise DataSchemaError(f"{uri}: no caption column {caption_column!r} (set {caption_field}); columns found: {found}")
+        raise DataSchemaError(
+            f"{uri}: no caption column {caption_column!r} (set {caption_field}); columns found: {found}"
+        )
     if not _is_string(schema.field(caption_column).type):
-        raise DataSchemaError(f"{uri}: caption column {caption_column!r} is {schema.field(caption_column).type}; "
-                              f"expected strings; columns found: {found}")
+        raise DataSchemaError(
+            f"{uri}: caption column {caption_column!r} is {schema.field(caption_column).type}; "
+            f"expected strings; columns found: {found}"
+        )
 
 
 def image_bytes(value) -> bytes | None:

@@ -53,6 +53,7 @@ class FileRow:
 @dataclass(frozen=True)
 class Shard:
     """A unit of parallel work: rows [start, stop) of one parquet file, or a list of file rows."""
+
     index: int
     fmt: str
     uri: str | None = None
@@ -80,14 +81,17 @@ class EvalSet:
         if not self.has_masks:
             why["seg"] = why["unsup"] = f"{self.fmt} data has no segmentation masks"
         if "matched" not in self.splits:
-            why["robust"] = (f"{self.fmt} data has no matched/swapped background splits "
-                             "(benchmark test-matched/test-swapped, or Waterbirds metadata.csv)")
+            why["robust"] = (
+                f"{self.fmt} data has no matched/swapped background splits "
+                "(benchmark test-matched/test-swapped, or Waterbirds metadata.csv)"
+            )
         if "eval" not in self.splits:
             why["cls"] = why["seg"] = why["unsup"] = f"{self.fmt} data has no evaluation split"
         return why
 
 
 # ------------------------------------------------------------------------------- names
+
 
 def read_names(name_or_path: str, package_dir: str = "classes") -> list[list[str]]:
     """Lines of a shipped file (`voc21`, `ade150`, `coco133`, ...) or of a text file; `#` starts a
@@ -96,8 +100,10 @@ def read_names(name_or_path: str, package_dir: str = "classes") -> list[list[str
         ref = resources.files("clippy_ray.eval").joinpath(package_dir, f"{name_or_path}.txt")
         if not ref.is_file():
             shipped = sorted(p.name[:-4] for p in resources.files("clippy_ray.eval").joinpath(package_dir).iterdir())
-            raise EvalDataError(f"no shipped {package_dir} file {name_or_path!r}; shipped: {', '.join(shipped)} "
-                                f"(or give a path to a .txt file)")
+            raise EvalDataError(
+                f"no shipped {package_dir} file {name_or_path!r}; shipped: {', '.join(shipped)} "
+                f"(or give a path to a .txt file)"
+            )
         text = ref.read_text()
     else:
         text = storage.fetch(name_or_path).read_text()
@@ -109,8 +115,9 @@ def read_templates(name_or_path: str) -> list[str]:
     templates = [", ".join(parts) for parts in read_names(name_or_path, "templates")]
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise EvalDataError(f"eval.templates={name_or_path!r}: every template needs a {{}} for the class name; "
-                            f"bad: {bad[0]!r}")
+        raise EvalDataError(
+            f"eval.templates={name_or_path!r}: every template needs a {{}} for the class name; bad: {bad[0]!r}"
+        )
     return templates
 
 
@@ -121,6 +128,7 @@ def benchmark_class_names() -> list[list[str]]:
 
 # ------------------------------------------------------------------------------- listing
 
+
 def _list(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """URIs of the files under `uri` (recursively) ending in one of `suffixes`, sorted."""
     fs, path = storage.resolve(uri)
@@ -128,8 +136,11 @@ def _list(uri: str, suffixes: tuple[str, ...]) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except (OSError, FileNotFoundError) as err:
         raise storage.StorageError(f"{uri}: {str(err).strip().splitlines()[0]}") from None
-    rel = sorted(i.path[len(path):].lstrip("/") for i in infos
-                 if i.type == pafs.FileType.File and i.path.lower().endswith(suffixes))
+    rel = sorted(
+        i.path[len(path) :].lstrip("/")
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.lower().endswith(suffixes)
+    )
     return [storage.join(uri, r) for r in rel]
 
 
@@ -140,7 +151,7 @@ def _read_bytes(uri: str) -> bytes:
 
 
 def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _parquet_shards(uri: str, fmt: str, rows_per_shard: int, max_rows: int | None) -> list[Shard]:
@@ -172,22 +183,30 @@ def _file_shards(rows: list[FileRow], fmt: str, rows_per_shard: int, max_rows: i
 
 # ------------------------------------------------------------------------------- formats
 
+
 def detect_format(uri: str) -> str:
     if storage.exists(storage.join(uri, "benchmark.json")):
         return "benchmark"
     if storage.exists(storage.join(uri, "metadata.csv")):
         return "waterbirds"
     for voc in ("", "VOC2012", "VOCdevkit/VOC2012"):
-        if storage.exists(storage.join(uri, voc, "SegmentationClass") if voc else storage.join(uri, "SegmentationClass")):
+        if storage.exists(
+            storage.join(uri, voc, "SegmentationClass") if voc else storage.join(uri, "SegmentationClass")
+        ):
             return "voc"
     for ade in ("", "ADEChallengeData2016"):
-        if storage.exists(storage.join(uri, ade, "annotations", "validation") if ade else storage.join(uri, "annotations", "validation")):
+        if storage.exists(
+            storage.join(uri, ade, "annotations", "validation")
+            if ade
+            else storage.join(uri, "annotations", "validation")
+        ):
             return "ade20k"
     return "parquet"
 
 
-def open_eval_set(uri: str, fmt: str = "auto", rows_per_shard: int = 32, max_rows: int | None = None,
-                  classes: str | None = None) -> EvalSet:
+def open_eval_set(
+    uri: str, fmt: str = "auto", rows_per_shard: int = 32, max_rows: int | None = None, classes: str | None = None
+) -> EvalSet:
     """List a dataset into shards. `fmt` one of FORMATS or auto (detected from the layout);
     `classes` names the class file for plain parquet (or overrides a format's own)."""
     fmt = detect_format(uri) if fmt == "auto" else fmt
@@ -199,9 +218,17 @@ def open_eval_set(uri: str, fmt: str = "auto", rows_per_shard: int = 32, max_row
         if storage.exists(storage.join(uri, "test-matched")) and storage.exists(storage.join(uri, "test-swapped")):
             splits["matched"] = _parquet_shards(storage.join(uri, "test-matched"), fmt, *args)
             splits["swapped"] = _parquet_shards(storage.join(uri, "test-swapped"), fmt, *args)
-        return EvalSet(fmt, uri, read_names(classes) if classes else benchmark_class_names(), True, "class",
-                       "benchmark", splits, [[f"{w} background"] for w in benchmark.BACKGROUND_WORDS.values()],
-                       has_instances=True)
+        return EvalSet(
+            fmt,
+            uri,
+            read_names(classes) if classes else benchmark_class_names(),
+            True,
+            "class",
+            "benchmark",
+            splits,
+            [[f"{w} background"] for w in benchmark.BACKGROUND_WORDS.values()],
+            has_instances=True,
+        )
     if fmt == "voc":
         return _open_voc(uri, classes, *args)
     if fmt == "ade20k":
@@ -209,12 +236,22 @@ def open_eval_set(uri: str, fmt: str = "auto", rows_per_shard: int = 32, max_row
     if fmt == "waterbirds":
         return _open_waterbirds(uri, classes, *args)
     if not classes:
-        raise EvalDataError(f"{uri}: plain parquet needs --classes FILE (one class name per line, line 0 = "
-                            f"background if the masks use 0 for it)")
+        raise EvalDataError(
+            f"{uri}: plain parquet needs --classes FILE (one class name per line, line 0 = "
+            f"background if the masks use 0 for it)"
+        )
     names = read_names(classes)
     has_bg = names[0][0].lower() == "background"
-    return EvalSet(fmt, uri, names, has_bg, "class" if has_bg else "none", "clip",
-                   {"eval": _parquet_shards(uri, fmt, *args)}, has_instances=True)
+    return EvalSet(
+        fmt,
+        uri,
+        names,
+        has_bg,
+        "class" if has_bg else "none",
+        "clip",
+        {"eval": _parquet_shards(uri, fmt, *args)},
+        has_instances=True,
+    )
 
 
 def _voc_root(uri: str) -> str:
@@ -232,21 +269,47 @@ def _open_voc(uri: str, classes: str | None, rows_per_shard: int, max_rows: int 
         raise EvalDataError(f"{root}: no ImageSets/Segmentation/val.txt listing the evaluation images")
     ids = [line.strip() for line in _read_bytes(ids_uri).decode().splitlines() if line.strip()]
     has_instances = storage.exists(storage.join(root, "SegmentationObject"))
-    rows = [FileRow(i, storage.join(root, "JPEGImages", f"{i}.jpg"), storage.join(root, "SegmentationClass", f"{i}.png"),
-                    storage.join(root, "SegmentationObject", f"{i}.png") if has_instances else None) for i in ids]
-    return EvalSet("voc", uri, read_names(classes or "voc21"), True, "threshold", "clip",
-                   {"eval": _file_shards(rows, "voc", rows_per_shard, max_rows)}, has_instances=has_instances)
+    rows = [
+        FileRow(
+            i,
+            storage.join(root, "JPEGImages", f"{i}.jpg"),
+            storage.join(root, "SegmentationClass", f"{i}.png"),
+            storage.join(root, "SegmentationObject", f"{i}.png") if has_instances else None,
+        )
+        for i in ids
+    ]
+    return EvalSet(
+        "voc",
+        uri,
+        read_names(classes or "voc21"),
+        True,
+        "threshold",
+        "clip",
+        {"eval": _file_shards(rows, "voc", rows_per_shard, max_rows)},
+        has_instances=has_instances,
+    )
 
 
 def _open_ade(uri: str, classes: str | None, rows_per_shard: int, max_rows: int | None) -> EvalSet:
-    root = uri if storage.exists(storage.join(uri, "annotations", "validation")) else storage.join(uri, "ADEChallengeData2016")
+    root = (
+        uri
+        if storage.exists(storage.join(uri, "annotations", "validation"))
+        else storage.join(uri, "ADEChallengeData2016")
+    )
     masks = _list(storage.join(root, "annotations", "validation"), (".png",))
     rows = []
     for m in masks:
         name = m.rsplit("/", 1)[-1][:-4]
         rows.append(FileRow(name, storage.join(root, "images", "validation", f"{name}.jpg"), m))
-    return EvalSet("ade20k", uri, read_names(classes or "ade150"), False, "none", "clip",
-                   {"eval": _file_shards(rows, "ade20k", rows_per_shard, max_rows)})
+    return EvalSet(
+        "ade20k",
+        uri,
+        read_names(classes or "ade150"),
+        False,
+        "none",
+        "clip",
+        {"eval": _file_shards(rows, "ade20k", rows_per_shard, max_rows)},
+    )
 
 
 def _open_waterbirds(uri: str, classes: str | None, rows_per_shard: int, max_rows: int | None) -> EvalSet:
@@ -255,20 +318,35 @@ def _open_waterbirds(uri: str, classes: str | None, rows_per_shard: int, max_row
     need = {"img_filename", "y", "split", "place"}
     if not need <= set(reader.fieldnames or ()):
         raise EvalDataError(f"{uri}/metadata.csv: needs columns {', '.join(sorted(need))}; found {reader.fieldnames}")
-    rows = [FileRow(r["img_filename"], storage.join(uri, r["img_filename"]), label=int(r["y"]), group=int(r["place"]))
-            for r in reader if r["split"].strip() == "2"]  # the test split
+    rows = [
+        FileRow(r["img_filename"], storage.join(uri, r["img_filename"]), label=int(r["y"]), group=int(r["place"]))
+        for r in reader
+        if r["split"].strip() == "2"
+    ]  # the test split
     if not rows:
         raise EvalDataError(f"{uri}/metadata.csv: no rows with split == 2 (the test split)")
     matched = [r for r in rows if r.label == r.group]
     swapped = [r for r in rows if r.label != r.group]
     args = (rows_per_shard, max_rows)
-    return EvalSet("waterbirds", uri, read_names(classes or "waterbirds"), False, "none", "clip",
-                   {"eval": _file_shards(rows, "waterbirds", *args), "matched": _file_shards(matched, "waterbirds", *args),
-                    "swapped": _file_shards(swapped, "waterbirds", *args)},
-                   read_names("waterbirds_places"), has_masks=False)
+    return EvalSet(
+        "waterbirds",
+        uri,
+        read_names(classes or "waterbirds"),
+        False,
+        "none",
+        "clip",
+        {
+            "eval": _file_shards(rows, "waterbirds", *args),
+            "matched": _file_shards(matched, "waterbirds", *args),
+            "swapped": _file_shards(swapped, "waterbirds", *args),
+        },
+        read_names("waterbirds_places"),
+        has_masks=False,
+    )
 
 
 # ------------------------------------------------------------------------------- decoding
+
 
 def decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -319,9 +397,16 @@ def load_shard(shard: Shard, has_background: bool = True, cache: dict | None = N
         out = []
         for i in range(table.num_rows):
             mask = decode_labels(cols["mask"][i]) if cols.get("mask") and cols["mask"][i] else None
-            inst = decode_labels(cols["instance_mask"][i]) if cols.get("instance_mask") and cols["instance_mask"][i] else None
-            labels = list(cols["labels"][i]) if cols.get("labels") else (
-                _labels_from_mask(mask, has_background) if mask is not None else [])
+            inst = (
+                decode_labels(cols["instance_mask"][i])
+                if cols.get("instance_mask") and cols["instance_mask"][i]
+                else None
+            )
+            labels = (
+                list(cols["labels"][i])
+                if cols.get("labels")
+                else (_labels_from_mask(mask, has_background) if mask is not None else [])
+            )
             group = None
             if cols.get("background") and cols["background"][i] in benchmark.BACKGROUNDS:
                 group = benchmark.BACKGROUNDS.index(cols["background"][i])

@@ -19,8 +19,8 @@ from clippy_ray.config import EvalConfig
 from clippy_ray.data.transforms import normalize
 from clippy_ray.eval.datasets import EvalDataError, EvalSet, Sample, read_templates
 
-
 # ------------------------------------------------------------------------------- inputs
+
 
 def prepare(image: np.ndarray, short_side: int, patch: int, crop: bool) -> torch.Tensor:
     """uint8 [H, W, 3] -> uint8 [3, h, w]. crop: resize the short side and center-crop a square
@@ -54,16 +54,18 @@ def _same_shape_batches(tensors: list[torch.Tensor], batch_size: int) -> list[tu
 
 # ------------------------------------------------------------------------------- embeddings
 
+
 @torch.no_grad()
-def text_classifier(model, tokenizer, names: list[list[str]], templates: list[str], device: torch.device,
-                    batch_size: int = 256) -> torch.Tensor:
+def text_classifier(
+    model, tokenizer, names: list[list[str]], templates: list[str], device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
     """One L2-normalized fp32 embedding per class [C, E]: the mean over synonyms x templates of
     the normalized text embeddings, normalized again (CLIP's zero-shot classifier)."""
     prompts = [t.format(n) for syn in names for n in syn for t in templates]
     owners = [c for c, syn in enumerate(names) for _ in syn for _ in templates]
     embs = []
     for i in range(0, len(prompts), batch_size):
-        tok = tokenizer(prompts[i:i + batch_size])
+        tok = tokenizer(prompts[i : i + batch_size])
         ids = torch.as_tensor(tok["input_ids"], device=device)
         mask = torch.as_tensor(tok["attention_mask"], device=device)
         embs.append(model.encode_text(ids, mask).float())
@@ -90,6 +92,7 @@ def dense_embeddings(model, images: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- predictions
+
 
 def score_maps(dense: torch.Tensor, classifier: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Cosine similarity of each location to each class, bilinearly upsampled:
@@ -119,7 +122,7 @@ def pca_groups(dense: torch.Tensor, k: int) -> torch.Tensor:
     x = dense.reshape(h * w, e).double()
     x = x - x.mean(0, keepdim=True)
     _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    comps = vh[:min(k, vh.shape[0])]  # [K, E]
+    comps = vh[: min(k, vh.shape[0])]  # [K, E]
     proj = x @ comps.T  # [HW, K]
     flip = proj.max(0).values < -proj.min(0).values
     proj = torch.where(flip[None], -proj, proj)
@@ -133,12 +136,14 @@ def upsample_nearest(labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- settings
 
+
 def background_mode(cfg: EvalConfig, data: EvalSet) -> str:
     """The segmentation background mode: eval.background, or the dataset's own when auto."""
     mode = data.default_background if cfg.background == "auto" else cfg.background
     if mode in ("class", "threshold") and not data.has_background:
-        raise EvalDataError(f"eval.background={mode!r} but {data.fmt} data has no background class; "
-                            f"use eval.background=none (or auto)")
+        raise EvalDataError(
+            f"eval.background={mode!r} but {data.fmt} data has no background class; use eval.background=none (or auto)"
+        )
     return mode
 
 
@@ -167,11 +172,21 @@ def device_for(use_gpu: bool | None) -> torch.device:
 
 # ------------------------------------------------------------------------------- the evaluator
 
+
 class Evaluator:
     """Holds one model and the class embeddings of one dataset; the tasks evaluate shards with it."""
 
-    def __init__(self, model, tokenizer, data: EvalSet, cfg: EvalConfig, device: torch.device,
-                 train_size: int, patch: int, templates: list[str]):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        data: EvalSet,
+        cfg: EvalConfig,
+        device: torch.device,
+        train_size: int,
+        patch: int,
+        templates: list[str],
+    ):
         self.model, self.tokenizer, self.data, self.cfg, self.device = model, tokenizer, data, cfg, device
         self.train_size, self.patch = train_size, patch
         self.resolution = cfg.resolution or 2 * train_size
@@ -180,18 +195,22 @@ class Evaluator:
         self.fg_ids = foreground_ids(data)  # classification never predicts background
         first_fg = len(names) - len(self.fg_ids)  # background classes come first
         self.fg = text_classifier(model, tokenizer, [names[i] for i in self.fg_ids], templates, device)  # [F, E]
-        self.all = (text_classifier(model, tokenizer, names[:first_fg], templates, device) if first_fg else
-                    self.fg[:0])
+        self.all = text_classifier(model, tokenizer, names[:first_fg], templates, device) if first_fg else self.fg[:0]
         self.all = torch.cat([self.all, self.fg])  # [C, E], row = class id
-        self.context = (text_classifier(model, tokenizer, data.context_names, templates, device)
-                        if data.context_names else self.fg[:0])
+        self.context = (
+            text_classifier(model, tokenizer, data.context_names, templates, device)
+            if data.context_names
+            else self.fg[:0]
+        )
         self.scale = float(model.scale().float()) if hasattr(model, "scale") else 100.0
 
     def fg_logits(self, samples: list[Sample]) -> np.ndarray:
         """Each center-cropped image against the foreground classes: [N, F], column j = class fg_ids[j]."""
         tensors = [prepare(s.image, self.train_size, self.patch, crop=True) for s in samples]
-        logits = [image_embeddings(self.model, batch.to(self.device)) @ self.fg.T
-                  for _, batch in _same_shape_batches(tensors, self.cfg.batch_size)]
+        logits = [
+            image_embeddings(self.model, batch.to(self.device)) @ self.fg.T
+            for _, batch in _same_shape_batches(tensors, self.cfg.batch_size)
+        ]
         return torch.cat(logits).cpu().numpy() if logits else np.zeros((0, len(self.fg_ids)))
 
     def dense(self, samples: list[Sample]) -> Iterator[tuple[Sample, torch.Tensor]]:
@@ -235,5 +254,13 @@ def build_evaluator(checkpoint: str, data: EvalSet, cfg: EvalConfig, device: tor
     device = device or device_for(cfg.use_gpu)
     model, model_cfg, tokenizer = load_model(checkpoint, device)
     with torch.no_grad():
-        return Evaluator(model, tokenizer, data, cfg, device, model_cfg.model.image.img_size,
-                         model.image.patch_size[0], resolve_templates(cfg, data))
+        return Evaluator(
+            model,
+            tokenizer,
+            data,
+            cfg,
+            device,
+            model_cfg.model.image.img_size,
+            model.image.patch_size[0],
+            resolve_templates(cfg, data),
+        )

@@ -44,8 +44,9 @@ def mean_iou(conf: np.ndarray) -> float:
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
 
-def matched_jaccard(groups: np.ndarray, segments: np.ndarray, ignore: int = IGNORE,
-                    include_background: bool = True) -> list[float]:
+def matched_jaccard(
+    groups: np.ndarray, segments: np.ndarray, ignore: int = IGNORE, include_background: bool = True
+) -> list[float]:
     """IoU of each ground-truth segment with the group Hungarian-matched to it (one group per
     segment at most, matching chosen to maximize the total IoU); an unmatched segment scores 0.
     Label-agnostic: `segments` is an instance map (0 = background, `ignore` = not scored),
@@ -79,8 +80,13 @@ def topk_hits(logits: np.ndarray, labels: list[list[int]], ks: tuple[int, ...] =
     return hits
 
 
-def domain_gap(correct_matched: np.ndarray, labels_matched: np.ndarray, correct_swapped: np.ndarray,
-               labels_swapped: np.ndarray, class_names: list[str]) -> dict:
+def domain_gap(
+    correct_matched: np.ndarray,
+    labels_matched: np.ndarray,
+    correct_swapped: np.ndarray,
+    labels_swapped: np.ndarray,
+    class_names: list[str],
+) -> dict:
     """Accuracy on matched vs swapped backgrounds per class group and overall, and the gap
     Delta = matched - swapped in accuracy points (the paper's Waterbirds number). A class with
     no rows in one of the two splits has no gap (None)."""
@@ -90,11 +96,15 @@ def domain_gap(correct_matched: np.ndarray, labels_matched: np.ndarray, correct_
         if not m.any() or not s.any():
             continue
         acc_m, acc_s = 100 * float(correct_matched[m].mean()), 100 * float(correct_swapped[s].mean())
-        out["per_class"][name] = {"matched": acc_m, "swapped": acc_s, "gap": acc_m - acc_s,
-                                  "rows_matched": int(m.sum()), "rows_swapped": int(s.sum())}
+        out["per_class"][name] = {
+            "matched": acc_m,
+            "swapped": acc_s,
+            "gap": acc_m - acc_s,
+            "rows_matched": int(m.sum()),
+            "rows_swapped": int(s.sum()),
+        }
     acc_m = 100 * float(np.mean(correct_matched)) if len(correct_matched) else float("nan")
     acc_s = 100 * float(np.mean(correct_swapped)) if len(correct_swapped) else float("nan")
     gaps = [v["gap"] for v in out["per_class"].values()]
-    out.update(matched=acc_m, swapped=acc_s, gap=acc_m - acc_s,
-               worst_class_gap=max(gaps) if gaps else None)
+    out.update(matched=acc_m, swapped=acc_s, gap=acc_m - acc_s, worst_class_gap=max(gaps) if gaps else None)
     return out

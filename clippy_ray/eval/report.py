@@ -28,12 +28,18 @@ def summary_line(results: dict) -> str:
 
 def markdown(results: dict, meta: dict) -> str:
     """results.md: the run's facts, one table of every task's numbers, per-task details, pictures."""
-    lines = ["# clippy-ray evaluation", "",
-             f"- checkpoint: `{meta['checkpoint']}`", f"- data: `{meta['data']}` ({meta['format']})",
-             f"- segmentation resolution: {meta['resolution']} px (short side), background: {meta['background']}, "
-             f"PCA components: {meta['pca_components']}",
-             f"- workers: {meta['workers']}, wall time: {meta['seconds']:.1f} s",
-             "", "| task | metric | value | rows |", "|---|---|---|---|"]
+    lines = [
+        "# clippy-ray evaluation",
+        "",
+        f"- checkpoint: `{meta['checkpoint']}`",
+        f"- data: `{meta['data']}` ({meta['format']})",
+        f"- segmentation resolution: {meta['resolution']} px (short side), background: {meta['background']}, "
+        f"PCA components: {meta['pca_components']}",
+        f"- workers: {meta['workers']}, wall time: {meta['seconds']:.1f} s",
+        "",
+        "| task | metric | value | rows |",
+        "|---|---|---|---|",
+    ]
     tasks = ordered(results)
     for task in tasks:
         lines += task.report_rows(results[task.name])
@@ -46,11 +52,15 @@ def markdown(results: dict, meta: dict) -> str:
 
 # ------------------------------------------------------------------------------- pictures
 
+
 def pictured(tasks: list[str], data: EvalSet) -> list[Task]:
     """The tasks whose example picture a run of `tasks` draws: the picture shows one of them and
     the data has its split. In report order."""
-    return [task for task in TASKS.values()
-            if task.picture_split and set(task.picture_shows) & set(tasks) and data.splits.get(task.picture_split)]
+    return [
+        task
+        for task in TASKS.values()
+        if task.picture_split and set(task.picture_shows) & set(tasks) and data.splits.get(task.picture_split)
+    ]
 
 
 def picture_name(task: Task) -> str:
@@ -63,8 +73,10 @@ def examples_png(task: Task, items: list[dict], data: EvalSet) -> bytes:
     names, colors = task.legend(data)
     rows = []
     for item in items:
-        tiles = [(item["key"][-24:], item["image"]),
-                 ("prediction", visualize.overlay(item["image"], item["pred"], colors))]
+        tiles = [
+            (item["key"][-24:], item["image"]),
+            ("prediction", visualize.overlay(item["image"], item["pred"], colors)),
+        ]
         if item.get("truth") is not None:
             tiles.append(("ground truth", visualize.overlay(item["image"], item["truth"], colors)))
         if item.get("groups") is not None:
@@ -76,6 +88,7 @@ def examples_png(task: Task, items: list[dict], data: EvalSet) -> bytes:
 
 
 # ------------------------------------------------------------------------------- files
+
 
 def write(out: str, report: dict, pictures: dict[str, bytes], log: Callable[[str], None] = print) -> None:
     """Write results.json, results.md and the pictures (name -> PNG bytes) under `out` (local or s3://)."""

@@ -79,8 +79,11 @@ def reduce_results(data: EvalSet, jobs: list[Job], parts: list[dict]) -> dict:
 def _start_workers(checkpoint: str, data: EvalSet, cfg: EvalConfig, count: int, use_gpu: bool) -> list:
     # placement_group=None: inside a Tune trial the workers must not be squeezed into the trial's
     # own placement group (it holds only the trial process's CPU).
-    actor_cls = EvalWorker.options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0,
-                                   scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    actor_cls = EvalWorker.options(
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=1 if use_gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
     threads = max(1, int(cfg.cpus_per_worker))
     return [actor_cls.remote(checkpoint, data, cfg, threads) for _ in range(count)]
 
@@ -98,9 +101,16 @@ def _run_jobs(actors: list, jobs: list[Job], progress: Callable[[int, int], None
     return [parts[i] for i in range(len(jobs))]
 
 
-def run_eval(checkpoint: str, data_uri: str, cfg: EvalConfig, out: str | None = None, fmt: str = "auto",
-             classes: str | None = None, log: Callable[[str], None] = print,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+def run_eval(
+    checkpoint: str,
+    data_uri: str,
+    cfg: EvalConfig,
+    out: str | None = None,
+    fmt: str = "auto",
+    classes: str | None = None,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Evaluate a handoff checkpoint on a dataset; returns (and writes under `out`) the results.
     `log` gets one line per event; `progress(done, total)` is called as shards finish."""
     start = time.time()
@@ -115,14 +125,25 @@ def run_eval(checkpoint: str, data_uri: str, cfg: EvalConfig, out: str | None = 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     workers = max(1, min(cfg.workers, len(jobs)))
     actors = _start_workers(checkpoint, data, cfg, workers, use_gpu)
-    log(f"eval: {len(jobs)} shards of {data.fmt} data ({', '.join(tasks)}) on {workers} worker(s)"
-        f"{' with GPUs' if use_gpu else ''}")
+    log(
+        f"eval: {len(jobs)} shards of {data.fmt} data ({', '.join(tasks)}) on {workers} worker(s)"
+        f"{' with GPUs' if use_gpu else ''}"
+    )
     resolution = ray.get([a.resolution.remote() for a in actors])[0]  # every worker has loaded the model
     ready = time.time()
     results = reduce_results(data, jobs, _run_jobs(actors, jobs, progress))
-    meta = {"checkpoint": checkpoint, "data": data_uri, "format": data.fmt, "tasks": tasks,
-            "resolution": resolution, **settings, "workers": workers, "setup_seconds": ready - start,
-            "task_seconds": time.time() - ready, "pictures": []}
+    meta = {
+        "checkpoint": checkpoint,
+        "data": data_uri,
+        "format": data.fmt,
+        "tasks": tasks,
+        "resolution": resolution,
+        **settings,
+        "workers": workers,
+        "setup_seconds": ready - start,
+        "task_seconds": time.time() - ready,
+        "pictures": [],
+    }
     pictures: dict[str, bytes] = {}
     if cfg.examples and out:
         for task in report.pictured(tasks, data):

@@ -9,22 +9,38 @@ import torch
 from clippy_ray import storage
 from clippy_ray.eval import visualize
 from clippy_ray.eval.datasets import decode_rgb, read_templates
-from clippy_ray.eval.evaluator import dense_embeddings, device_for, load_model, pca_groups, prepare, score_maps, text_classifier, \
-    upsample_nearest
+from clippy_ray.eval.evaluator import (
+    dense_embeddings,
+    device_for,
+    load_model,
+    pca_groups,
+    prepare,
+    score_maps,
+    text_classifier,
+    upsample_nearest,
+)
 
 
 def parse_labels(text: str) -> list[list[str]]:
-    """"cat,dog,grass" -> [["cat"], ["dog"], ["grass"]]; "|" joins synonyms of one label ("sofa|couch")."""
+    """ "cat,dog,grass" -> [["cat"], ["dog"], ["grass"]]; "|" joins synonyms of one label ("sofa|couch")."""
     labels = [[s.strip() for s in item.split("|") if s.strip()] for item in text.split(",")]
     labels = [syn for syn in labels if syn]
     if len(labels) < 2:
-        raise ValueError(f"--labels {text!r}: give at least two comma-separated labels, e.g. \"cat,dog,grass\"")
+        raise ValueError(f'--labels {text!r}: give at least two comma-separated labels, e.g. "cat,dog,grass"')
     return labels
 
 
 @torch.no_grad()
-def segment_image(checkpoint: str, image_uri: str, labels: list[list[str]], out: str, resolution: int | None = None,
-                  components: int = 8, templates: str = "clip", use_gpu: bool | None = None) -> dict:
+def segment_image(
+    checkpoint: str,
+    image_uri: str,
+    labels: list[list[str]],
+    out: str,
+    resolution: int | None = None,
+    components: int = 8,
+    templates: str = "clip",
+    use_gpu: bool | None = None,
+) -> dict:
     """Write the picture to `out` (a local path or s3://); returns the label map and the groups."""
     device = device_for(use_gpu)
     model, cfg, tokenizer = load_model(checkpoint, device)
@@ -38,11 +54,17 @@ def segment_image(checkpoint: str, image_uri: str, labels: list[list[str]], out:
     names = [syn[0] for syn in labels]
     colors = visualize.palette(len(names))
     present = np.bincount(pred.ravel(), minlength=len(names)) / pred.size
-    picture = visualize.panel([
-        ("image", image),
-        ("zero-shot labels", visualize.overlay(image, pred, colors)),
-        ("legend", visualize.legend([f"{n} {100 * p:.0f}%" for n, p in zip(names, present)], colors, image.shape[0])),
-        (f"unsupervised ({components} groups)", visualize.colorize(groups, visualize.palette(components))),
-    ], height=image.shape[0])
+    picture = visualize.panel(
+        [
+            ("image", image),
+            ("zero-shot labels", visualize.overlay(image, pred, colors)),
+            (
+                "legend",
+                visualize.legend([f"{n} {100 * p:.0f}%" for n, p in zip(names, present)], colors, image.shape[0]),
+            ),
+            (f"unsupervised ({components} groups)", visualize.colorize(groups, visualize.palette(components))),
+        ],
+        height=image.shape[0],
+    )
     storage.write_bytes(out, visualize.png_bytes(picture))
     return {"labels": pred, "groups": groups, "picture_size": picture.shape[1::-1], "resolution": res}

@@ -67,8 +67,9 @@ def panel(items: list[tuple[str, np.ndarray]], height: int | None = None, gap: i
     """Titled pictures side by side at one height."""
     height = height or max(a.shape[0] for _, a in items)
     tiles = [_titled(t, a, height) for t, a in items]
-    canvas = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)),
-                       (255, 255, 255))
+    canvas = Image.new(
+        "RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)), (255, 255, 255)
+    )
     x = 0
     for t in tiles:
         canvas.paste(t, (x, 0))

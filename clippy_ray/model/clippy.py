@@ -17,8 +17,9 @@ from clippy_ray.model.text import TextTower, encoder_from_config, text_config
 
 
 class CLIPpy(nn.Module):
-    def __init__(self, image: ImageTower, text: TextTower, init_temperature: float = 0.07,
-                 max_logit_scale: float = 100.0):
+    def __init__(
+        self, image: ImageTower, text: TextTower, init_temperature: float = 0.07, max_logit_scale: float = 100.0
+    ):
         super().__init__()
         self.image = image
         self.text = text
@@ -48,8 +49,9 @@ class CLIPpy(nn.Module):
         return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.scale()
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, *, load_pretrained: bool = True,
-                encoder_config: PretrainedConfig | None = None) -> CLIPpy:
+def build_model(
+    cfg: ModelConfig, vocab_size: int, *, load_pretrained: bool = True, encoder_config: PretrainedConfig | None = None
+) -> CLIPpy:
     """The model a config describes. `vocab_size` is the tokenizer's; the text encoder must embed
     at least that many tokens.
 
@@ -58,11 +60,15 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, load_pretrained: bool = Tr
     encoder_config: the text encoder's architecture when it is not the config's own (a saved model's,
     which may have come from a pretrained folder); only with load_pretrained=False."""
     if encoder_config is not None and load_pretrained:
-        raise ValueError("build_model: encoder_config describes an encoder whose weights come from elsewhere; "
-                         "pass load_pretrained=False with it")
+        raise ValueError(
+            "build_model: encoder_config describes an encoder whose weights come from elsewhere; "
+            "pass load_pretrained=False with it"
+        )
     if not load_pretrained and cfg.text.pretrained and encoder_config is None:
-        raise ValueError(f"build_model: model.text.pretrained={cfg.text.pretrained!r} defines the encoder's "
-                         "architecture; without loading it, pass that architecture as encoder_config")
+        raise ValueError(
+            f"build_model: model.text.pretrained={cfg.text.pretrained!r} defines the encoder's "
+            "architecture; without loading it, pass that architecture as encoder_config"
+        )
     image = ImageTower(cfg.image, cfg.embed_dim, cfg.aggregation, cfg.token_keep_ratio, cfg.token_keep_count)
     if load_pretrained and cfg.image.pretrained:
         load_image_backbone(image.vit, cfg.image.pretrained)
@@ -74,6 +80,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, load_pretrained: bool = Tr
         encoder = encoder_from_config(text_config(cfg.text, vocab_size))
     text = TextTower(encoder, cfg.embed_dim)
     if text.vocab_size < vocab_size:
-        raise InputError(f"model.text: the tokenizer has {vocab_size} tokens but the text encoder embeds only "
-                         f"{text.vocab_size}; use the tokenizer the encoder was trained with (model.text.tokenizer)")
+        raise InputError(
+            f"model.text: the tokenizer has {vocab_size} tokens but the text encoder embeds only "
+            f"{text.vocab_size}; use the tokenizer the encoder was trained with (model.text.tokenizer)"
+        )
     return CLIPpy(image, text, cfg.init_temperature, cfg.max_logit_scale)

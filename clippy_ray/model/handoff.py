@@ -27,8 +27,9 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 
 
-def export_handoff(model: CLIPpy, state: dict[str, torch.Tensor], cfg: config.Config, tokenizer: Tokenizer,
-                   folder: str | Path) -> None:
+def export_handoff(
+    model: CLIPpy, state: dict[str, torch.Tensor], cfg: config.Config, tokenizer: Tokenizer, folder: str | Path
+) -> None:
     """Write `state` (the full weights) with what rebuilds the model: the resolved config, the text
     encoder's own config (it can come from a pretrained folder) and the tokenizer."""
     folder = Path(folder)

@@ -34,12 +34,24 @@ def keep_random_tokens(tokens: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 class ImageTower(nn.Module):
-    def __init__(self, cfg: ImageConfig, embed_dim: int, aggregation: str = "max",
-                 keep_ratio: float | None = None, keep_count: int | None = None):
+    def __init__(
+        self,
+        cfg: ImageConfig,
+        embed_dim: int,
+        aggregation: str = "max",
+        keep_ratio: float | None = None,
+        keep_count: int | None = None,
+    ):
         super().__init__()
         try:
-            self.vit = timm.create_model(cfg.name, pretrained=False, num_classes=0, dynamic_img_size=True,
-                                         img_size=cfg.img_size, **cfg.timm_kwargs)
+            self.vit = timm.create_model(
+                cfg.name,
+                pretrained=False,
+                num_classes=0,
+                dynamic_img_size=True,
+                img_size=cfg.img_size,
+                **cfg.timm_kwargs,
+            )
         except (RuntimeError, TypeError) as err:
             raise InputError(f"model.image.name={cfg.name!r} with timm_kwargs={cfg.timm_kwargs}: {err}") from None
         if not all(hasattr(self.vit, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm")):
@@ -58,8 +70,10 @@ class ImageTower(nn.Module):
         h, w = images.shape[-2:]
         ph, pw = self.patch_size
         if h % ph or w % pw:
-            raise InputError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
-                             f"resize to e.g. {h // ph * ph}x{w // pw * pw}")
+            raise InputError(
+                f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
+                f"resize to e.g. {h // ph * ph}x{w // pw * pw}"
+            )
         return h // ph, w // pw
 
     def _num_keep(self, length: int) -> int:
@@ -74,13 +88,13 @@ class ImageTower(nn.Module):
         vit = self.vit
         x = vit.patch_embed(images)  # [N, H, W, D] (dynamic_img_size keeps the grid)
         x = vit._pos_embed(x)  # [N, P + H*W, D]: position embeddings interpolated, added before any drop
-        prefix, patches = x[:, :self.num_prefix], x[:, self.num_prefix:]
+        prefix, patches = x[:, : self.num_prefix], x[:, self.num_prefix :]
         if subsample:
             patches = keep_random_tokens(patches, self._num_keep(patches.shape[1]))
         x = torch.cat([prefix, patches], dim=1)
         x = vit.norm(vit.blocks(vit.norm_pre(x)))
         cls = self.proj(x[:, 0]) if self.has_cls else None
-        return cls, self.proj(x[:, self.num_prefix:])
+        return cls, self.proj(x[:, self.num_prefix :])
 
     def forward_dense(self, images: torch.Tensor) -> torch.Tensor:
         """Per-location projected features, no sub-sampling: [N, 3, H*p, W*p] -> [N, H, W, E]."""

@@ -57,8 +57,11 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
                 filled[n] = state[present[0]]
     missing = [k for k in own if k not in filled]
     unexpected = [k for k in filled if k not in own]
-    mismatched = [f"{k} (checkpoint {list(filled[k].shape)} vs model {list(own[k].shape)})"
-                  for k in own if k in filled and filled[k].shape != own[k].shape]
+    mismatched = [
+        f"{k} (checkpoint {list(filled[k].shape)} vs model {list(own[k].shape)})"
+        for k in own
+        if k in filled and filled[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         msg = f"{source}: checkpoint does not match the model {type(module).__name__}"
         if missing:
@@ -67,7 +70,10 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
             msg += _listing("unexpected keys", unexpected)
         if mismatched:
             msg += _listing("wrong shapes", mismatched)
-        msg += "\n  Check the architecture in the config (model.image.name / timm_kwargs, model.text) matches the checkpoint."
+        msg += (
+            "\n  Check the architecture in the config (model.image.name / timm_kwargs, model.text) matches the "
+            "checkpoint."
+        )
         raise PretrainedError(msg)
     module.load_state_dict(filled, strict=True)
 
@@ -91,7 +97,7 @@ def load_image_backbone(vit: nn.Module, uri: str) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("head.") and k != "head"}
     for prefix in _IMAGE_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # prefixed heads too
     if "pos_embed" in state and "pos_embed" in vit.state_dict():
         # timm's own converter: resamples position embeddings trained at another resolution
@@ -100,8 +106,10 @@ def load_image_backbone(vit: nn.Module, uri: str) -> None:
 
 
 def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    for index_name, reader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", read_state_dict)):
+    for index_name, reader in (
+        ("model.safetensors.index.json", load_file),
+        ("pytorch_model.bin.index.json", read_state_dict),
+    ):
         index = folder / index_name
         if index.exists():
             state: dict = {}

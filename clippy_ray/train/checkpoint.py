@@ -19,7 +19,10 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     module = engine.module
-    gathered = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-                if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+    gathered = (
+        deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        if engine.zero_optimization_stage() == 3
+        else contextlib.nullcontext()
+    )
     with gathered:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None

@@ -34,6 +34,10 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
     # A factory, so the schedule drives the optimizer DeepSpeed wraps (and is saved with it).
     schedule = lr_lambda(cfg)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        model=model,
+        optimizer=optimizer,
+        config=deepspeed_config(cfg),
+        dist_init_required=False,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
     return engine

@@ -18,8 +18,8 @@ from clippy_ray.data.pipeline import BatchStream
 from clippy_ray.data.transforms import normalize
 from clippy_ray.loss import ContrastiveLoss, gather_with_grad
 from clippy_ray.model import build_model
-from clippy_ray.tokenizer import build_tokenizer
 from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff
+from clippy_ray.tokenizer import build_tokenizer
 from clippy_ray.train.checkpoint import DEEPSPEED_TAG, full_state_dict
 from clippy_ray.train.engine import build_engine
 from clippy_ray.train.progress import Progress
@@ -67,8 +67,11 @@ def agree_precision(requested: str, device: torch.device) -> precision.Choice:
 
 
 def _inputs(batch: dict, device: torch.device, dtype: torch.dtype):
-    return (normalize(batch["image"].to(device, non_blocking=True), dtype),
-            batch["input_ids"].to(device, non_blocking=True), batch["attention_mask"].to(device, non_blocking=True))
+    return (
+        normalize(batch["image"].to(device, non_blocking=True), dtype),
+        batch["input_ids"].to(device, non_blocking=True),
+        batch["attention_mask"].to(device, non_blocking=True),
+    )
 
 
 def validate(engine, shard, cfg: config.Config, dtype: torch.dtype, loss_fn: ContrastiveLoss) -> dict[str, float]:
@@ -94,10 +97,12 @@ def validate(engine, shard, cfg: config.Config, dtype: torch.dtype, loss_fn: Con
     sim = img @ txt.T
     target = torch.arange(len(img), device=sim.device)
     val_loss = _mean_over_ranks({"val_loss": sum(losses) / len(losses)}, engine.device)["val_loss"]
-    return {"val_loss": val_loss,
-            "val_i2t_top1": (sim.argmax(1) == target).float().mean().item(),
-            "val_t2i_top1": (sim.argmax(0) == target).float().mean().item(),
-            "val_pairs": float(len(img))}
+    return {
+        "val_loss": val_loss,
+        "val_i2t_top1": (sim.argmax(1) == target).float().mean().item(),
+        "val_t2i_top1": (sim.argmax(0) == target).float().mean().item(),
+        "val_pairs": float(len(img)),
+    }
 
 
 def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokenizer, metrics: dict) -> None:
@@ -113,16 +118,23 @@ def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokeni
             export_handoff(model, weights, cfg, tokenizer, os.path.join(tmp, HANDOFF_DIR))
             with open(os.path.join(tmp, "train_state.json"), "w") as f:
                 json.dump({**asdict(state), **metrics}, f)
-        ray.train.report({**metrics, "step": state.step, "epoch": state.epoch},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{state.step:08d}")
+        ray.train.report(
+            {**metrics, "step": state.step, "epoch": state.epoch},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step_{state.step:08d}",
+        )
 
 
 def restore(engine, checkpoint_dir: str, weights_only: bool) -> TrainState:
     """Resume from a checkpoint folder: full state (weights, optimizer, schedule, data position),
     or the weights alone (a new run from a given checkpoint)."""
-    _, client = engine.load_checkpoint(checkpoint_dir, tag=DEEPSPEED_TAG, load_optimizer_states=not weights_only,
-                                       load_lr_scheduler_states=not weights_only, load_module_only=weights_only)
+    _, client = engine.load_checkpoint(
+        checkpoint_dir,
+        tag=DEEPSPEED_TAG,
+        load_optimizer_states=not weights_only,
+        load_lr_scheduler_states=not weights_only,
+        load_module_only=weights_only,
+    )
     if weights_only or client is None:
         return TrainState()
     return TrainState(**client["train_state"])
@@ -156,14 +168,21 @@ def train_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             state = restore(engine, folder, weights_only=False)
     elif loop_config.get("init_from"):
-        state = restore(engine, str(storage.fetch(loop_config["init_from"])),
-                        weights_only=loop_config.get("init_mode", "weights") == "weights")
+        state = restore(
+            engine,
+            str(storage.fetch(loop_config["init_from"])),
+            weights_only=loop_config.get("init_mode", "weights") == "weights",
+        )
     if state.step >= cfg.train.steps:
         return
 
     # Loop
-    stream = BatchStream(ray.train.get_dataset_shard("train"), cfg.train.micro_batch_size,
-                         cfg.data.shuffle_buffer, seed=cfg.data.seed * 1_000_003 + rank)
+    stream = BatchStream(
+        ray.train.get_dataset_shard("train"),
+        cfg.train.micro_batch_size,
+        cfg.data.shuffle_buffer,
+        seed=cfg.data.seed * 1_000_003 + rank,
+    )
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
     progress = Progress(cfg, enabled=rank == 0, emit=emitter(loop_config.get("events")), start_step=state.step)
     progress.start("GPU" if device.type == "cuda" else "CPU", choice.reason)
@@ -197,8 +216,11 @@ def train_loop(loop_config: dict) -> None:
             metrics = {}
             last = state.step == cfg.train.steps
             if state.step % cfg.train.log_every == 0 or last:
-                metrics = _mean_over_ranks({"loss": window["loss"] / window["n"], **stream.counters()}, device,
-                                           total=("rows_seen", "rows_skipped", "rows_dropped"))
+                metrics = _mean_over_ranks(
+                    {"loss": window["loss"] / window["n"], **stream.counters()},
+                    device,
+                    total=("rows_seen", "rows_skipped", "rows_dropped"),
+                )
                 metrics.update(temperature=1.0 / scale.float().item(), lr=engine.get_lr()[0], **progress.rates())
                 window = {"loss": 0.0, "n": 0}
             if val_shard is not None and (last or (cfg.train.val_every and state.step % cfg.train.val_every == 0)):
@@ -211,9 +233,11 @@ def train_loop(loop_config: dict) -> None:
             elif metrics:
                 ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
         if not got_any and not resumed_mid_epoch:
-            raise RuntimeError(f"data.train={cfg.data.train}: an epoch gave no full batch of "
-                               f"{cfg.train.micro_batch_size} rows on every worker; use more data or a smaller "
-                               "train.global_batch_size")
+            raise RuntimeError(
+                f"data.train={cfg.data.train}: an epoch gave no full batch of "
+                f"{cfg.train.micro_batch_size} rows on every worker; use more data or a smaller "
+                "train.global_batch_size"
+            )
         if state.step < cfg.train.steps:
             state.epoch += 1
             state.batches_in_epoch = 0

@@ -51,8 +51,8 @@ class Lamb(torch.optim.Optimizer):
                 grad = p.grad.float()
                 state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m_hat = state["exp_avg"] / (1 - beta1 ** step)
-                v_hat = state["exp_avg_sq"] / (1 - beta2 ** step)
+                m_hat = state["exp_avg"] / (1 - beta1**step)
+                v_hat = state["exp_avg_sq"] / (1 - beta2**step)
                 update = m_hat / (v_hat.sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update.add_(p.float(), alpha=group["weight_decay"])
@@ -79,4 +79,5 @@ def lr_lambda(cfg: TrainConfig):
             return (step + 1) / cfg.warmup_steps
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor

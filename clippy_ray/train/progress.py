@@ -24,18 +24,34 @@ def open_wandb(cfg: config.Config):
     import wandb
 
     wcfg = cfg.train.wandb
-    root = (storage.join(cfg.train.storage, cfg.train.run_name)
-            if not storage.is_s3(cfg.train.storage) else str(storage.cache_dir() / "wandb"))
+    root = (
+        storage.join(cfg.train.storage, cfg.train.run_name)
+        if not storage.is_s3(cfg.train.storage)
+        else str(storage.cache_dir() / "wandb")
+    )
     os.makedirs(root, exist_ok=True)
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", cfg.train.run_name)[:64]
-    return wandb.init(project=wcfg.project, group=wcfg.group, name=cfg.train.run_name, id=run_id,
-                      resume="allow", mode=wcfg.mode, dir=root, config=config.to_dict(cfg),
-                      settings=wandb.Settings(console="off", silent=True))  # metrics are logged; don't echo
+    return wandb.init(
+        project=wcfg.project,
+        group=wcfg.group,
+        name=cfg.train.run_name,
+        id=run_id,
+        resume="allow",
+        mode=wcfg.mode,
+        dir=root,
+        config=config.to_dict(cfg),
+        settings=wandb.Settings(console="off", silent=True),
+    )  # metrics are logged; don't echo
 
 
-_STEP_FIELDS = (("loss", "loss {:.4f}"), ("temperature", "temp {:.4f}"), ("lr", "lr {:.2e}"),
-                ("images_per_s", "{:.1f} img/s"), ("data_wait_frac", "data wait {:.0%}"),
-                ("rows_skipped", "skipped {:.0f}"))
+_STEP_FIELDS = (
+    ("loss", "loss {:.4f}"),
+    ("temperature", "temp {:.4f}"),
+    ("lr", "lr {:.2e}"),
+    ("images_per_s", "{:.1f} img/s"),
+    ("data_wait_frac", "data wait {:.0%}"),
+    ("rows_skipped", "skipped {:.0f}"),
+)
 
 
 class Progress:
@@ -61,10 +77,17 @@ class Progress:
     def start(self, device: str, precision_reason: str) -> None:
         t = self.cfg.train
         resumed = f", resuming at step {self.start_step}" if self.start_step else ""
-        self._send("start", f"run {t.run_name}: {self.total} steps of {t.global_batch_size} pairs on {t.num_workers} "
-                            f"{device} worker(s), ZeRO-{t.zero_stage}{resumed}", self.start_step)
-        self._send("start", f"precision {t.precision} ({precision_reason}); loss matmul {self.cfg.loss.matmul_dtype}, "
-                            "softmax float32", self.start_step)
+        self._send(
+            "start",
+            f"run {t.run_name}: {self.total} steps of {t.global_batch_size} pairs on {t.num_workers} "
+            f"{device} worker(s), ZeRO-{t.zero_stage}{resumed}",
+            self.start_step,
+        )
+        self._send(
+            "start",
+            f"precision {t.precision} ({precision_reason}); loss matmul {self.cfg.loss.matmul_dtype}, softmax float32",
+            self.start_step,
+        )
 
     def data_wait(self, seconds: float) -> None:
         self.window_wait += seconds
@@ -87,13 +110,21 @@ class Progress:
         eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total - step)
         fields = [fmt.format(metrics[key]) for key, fmt in _STEP_FIELDS if key in metrics]
         if "loss" in metrics:
-            self._send("step", " | ".join([f"step {step}/{self.total}", *fields, f"ETA {duration(eta)}"]), step,
-                       status=" | ".join(fields[:1] + fields[3:4]))
+            self._send(
+                "step",
+                " | ".join([f"step {step}/{self.total}", *fields, f"ETA {duration(eta)}"]),
+                step,
+                status=" | ".join(fields[:1] + fields[3:4]),
+            )
         if "val_loss" in metrics:
-            self._send("val", f"step {step}/{self.total} validation: loss {metrics['val_loss']:.4f}, retrieval "
-                              f"top-1 image->text {metrics.get('val_i2t_top1', float('nan')):.3f} / text->image "
-                              f"{metrics.get('val_t2i_top1', float('nan')):.3f} over "
-                              f"{metrics.get('val_pairs', 0):.0f} pairs", step)
+            self._send(
+                "val",
+                f"step {step}/{self.total} validation: loss {metrics['val_loss']:.4f}, retrieval "
+                f"top-1 image->text {metrics.get('val_i2t_top1', float('nan')):.3f} / text->image "
+                f"{metrics.get('val_t2i_top1', float('nan')):.3f} over "
+                f"{metrics.get('val_pairs', 0):.0f} pairs",
+                step,
+            )
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 

@@ -8,8 +8,8 @@ import os
 
 from clippy_ray import config, storage
 from clippy_ray.console import EventQueue
-from clippy_ray.errors import InputError
 from clippy_ray.data.pipeline import build_dataset
+from clippy_ray.errors import InputError
 
 
 def run_storage(uri: str) -> tuple[str, object | None]:
@@ -40,17 +40,24 @@ def describe(cfg: config.Config) -> list[str]:
             data.append(f"{name} {uri} ({rows} rows, {files} file{'s' * (files != 1)})")
     keep = m.token_keep_ratio if m.token_keep_ratio is not None else m.token_keep_count
     per_worker = f"{t.cpus_per_worker:g} CPU" + (" + 1 GPU" if t.use_gpu else "")
-    return [f"model: {m.image.name} {m.image.timm_kwargs or ''} at {m.image.img_size} px + {m.text.model_type} text "
-            f"encoder, {m.aggregation} pooling, token keep {keep or 'all'}, embedding {m.embed_dim}",
-            "data: " + "; ".join(data),
-            f"workers: {t.num_workers} x ({per_worker}); batch {t.micro_batch_size} per worker x {t.grad_accum_steps} "
-            f"accumulation = {t.global_batch_size} pairs per step, {t.steps} steps",
-            f"storage: {storage.join(t.storage, t.run_name)} (checkpoint every {t.checkpoint_every} steps, "
-            f"last {t.keep_checkpoints} kept)"]
+    return [
+        f"model: {m.image.name} {m.image.timm_kwargs or ''} at {m.image.img_size} px + {m.text.model_type} text "
+        f"encoder, {m.aggregation} pooling, token keep {keep or 'all'}, embedding {m.embed_dim}",
+        "data: " + "; ".join(data),
+        f"workers: {t.num_workers} x ({per_worker}); batch {t.micro_batch_size} per worker x {t.grad_accum_steps} "
+        f"accumulation = {t.global_batch_size} pairs per step, {t.steps} steps",
+        f"storage: {storage.join(t.storage, t.run_name)} (checkpoint every {t.checkpoint_every} steps, "
+        f"last {t.keep_checkpoints} kept)",
+    ]
 
 
-def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights", callbacks: list | None = None,
-        console=None):
+def fit(
+    cfg: config.Config,
+    init_from: str | None = None,
+    init_mode: str = "weights",
+    callbacks: list | None = None,
+    console=None,
+):
     """Train (or resume) the run `cfg.train.run_name`; returns Ray's Result. `callbacks`: Ray Train
     callbacks (a sweep passes Tune's report callback). `console` (a `clippy_ray.console.Console`):
     show the start-up summary and rank 0's progress there; without one, rank 0 prints it."""
@@ -60,7 +67,9 @@ def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weig
     from clippy_ray.train.loop import train_loop
 
     if not cfg.data.train:
-        raise config.ConfigError(["data.train: not set; give the training parquet URI (data.train=s3://... or a folder)"])
+        raise config.ConfigError(
+            ["data.train: not set; give the training parquet URI (data.train=s3://... or a folder)"]
+        )
     if init_mode not in ("weights", "full"):
         raise InputError(f"--from-mode {init_mode!r}: use weights or full")
     image_size = cfg.model.image.img_size
@@ -79,16 +88,26 @@ def fit(cfg: config.Config, init_from: str | None = None, init_mode: str = "weig
     events = EventQueue(console) if console is not None else contextlib.nullcontext()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(cfg), "init_from": init_from, "init_mode": init_mode,
-                           "has_val": "val" in datasets, "events": getattr(events, "queue", None)},
+        train_loop_config={
+            "config": config.to_dict(cfg),
+            "init_from": init_from,
+            "init_mode": init_mode,
+            "has_val": "val" in datasets,
+            "events": getattr(events, "queue", None),
+        },
         datasets=datasets,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.train.run_name, storage_path=path, storage_filesystem=fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             callbacks=callbacks or []),
+        run_config=RunConfig(
+            name=cfg.train.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or [],
+        ),
     )
     with events:
         return trainer.fit()

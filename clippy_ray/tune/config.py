@@ -15,8 +15,8 @@ from typing import Any
 
 from clippy_ray.config import AGGREGATIONS
 
-
 # ------------------------------------------------------------------------------- presets
+
 
 def _is_ratio(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
@@ -25,6 +25,7 @@ def _is_ratio(v: Any) -> bool:
 @dataclass(frozen=True)
 class Preset:
     """One of the paper's axes: its values and the overrides a value stands for."""
+
     values: tuple[str, ...]  # what is valid, as error messages name it
     keys: tuple[str, ...]  # the config keys it sets (a dotted axis may not set them too)
     overrides: Callable[[SweepConfig, Any], list[str]]
@@ -52,15 +53,28 @@ def _token_subsampling(sweep: SweepConfig, v: str | float) -> list[str]:
 
 
 PRESETS = {
-    "aggregation": Preset(AGGREGATIONS, ("model.aggregation",),
-                          lambda sweep, v: [f"model.aggregation={v}"], label=str),
-    "image_init": Preset(("ssl", "supervised", "random"), ("model.image.pretrained",), _image_init,
-                         label=lambda v: f"image-{v}", inits="image_inits"),
-    "text_init": Preset(("sentence", "random"), ("model.text.pretrained", "model.text.tokenizer"), _text_init,
-                        label=lambda v: f"text-{v}", inits="text_inits"),
-    "token_subsampling": Preset(("off", "a ratio in (0, 1]"), ("model.token_keep_ratio", "model.token_keep_count"),
-                                _token_subsampling, label=lambda v: "sub-off" if v == "off" else f"sub{v}",
-                                accepts=lambda v: v == "off" or _is_ratio(v)),
+    "aggregation": Preset(AGGREGATIONS, ("model.aggregation",), lambda sweep, v: [f"model.aggregation={v}"], label=str),
+    "image_init": Preset(
+        ("ssl", "supervised", "random"),
+        ("model.image.pretrained",),
+        _image_init,
+        label=lambda v: f"image-{v}",
+        inits="image_inits",
+    ),
+    "text_init": Preset(
+        ("sentence", "random"),
+        ("model.text.pretrained", "model.text.tokenizer"),
+        _text_init,
+        label=lambda v: f"text-{v}",
+        inits="text_inits",
+    ),
+    "token_subsampling": Preset(
+        ("off", "a ratio in (0, 1]"),
+        ("model.token_keep_ratio", "model.token_keep_count"),
+        _token_subsampling,
+        label=lambda v: "sub-off" if v == "off" else f"sub{v}",
+        accepts=lambda v: v == "off" or _is_ratio(v),
+    ),
 }
 # Keys every trial gets from the sweep itself (its run folder and W&B group), so no axis may vary them.
 SWEEP_KEYS = ("train.run_name", "train.storage", "train.wandb.group")
@@ -108,6 +122,7 @@ class SchedulerConfig:
 @dataclass
 class SweepConfig:
     """A Ray Tune grid: every trial is `base` + `overrides` + one point of the `axes` grid."""
+
     name: str = "ablation"  # running again with the same name and storage resumes the sweep
     base: str | None = None  # the training config YAML every trial starts from
     overrides: tuple[str, ...] = ()  # key=value applied to every trial, e.g. train.steps=300
@@ -127,8 +142,10 @@ class SweepConfig:
         p = f"{path}." if path else ""  # a sweep file's keys are its top level
         errors = self.scheduler.check(f"{p}scheduler")
         if not self.axes:
-            errors.append(f"{p}axes: empty; give a dotted config key with its values (e.g. train.lr: [0.001, 0.0005]) "
-                          f"or a preset: {', '.join(PRESETS)}")
+            errors.append(
+                f"{p}axes: empty; give a dotted config key with its values (e.g. train.lr: [0.001, 0.0005]) "
+                f"or a preset: {', '.join(PRESETS)}"
+            )
         for axis, values in self.axes.items():
             errors += self._check_axis(axis, values, p)
         if self.max_concurrent_trials < 1:
@@ -140,20 +157,32 @@ class SweepConfig:
     def _check_axis(self, axis: str, values: Any, p: str) -> list[str]:
         where, preset = f"{p}axes.{axis}", PRESETS.get(axis)
         if preset is None and not _DOTTED.fullmatch(axis):
-            return [f"{where}: unknown axis (give a dotted config key such as train.lr, or a preset: "
-                    f"{', '.join(PRESETS)})"]
+            return [
+                f"{where}: unknown axis (give a dotted config key such as train.lr, or a preset: {', '.join(PRESETS)})"
+            ]
         if not isinstance(values, list) or not values:
             return [f"{where}: expected a non-empty list of values, got {values!r}"]
         errors = [f"{where}: {v!r} is listed twice" for i, v in enumerate(values) if v in values[:i]]
         if preset is None:
-            errors += [f"{where}: {k} is set by the sweep for each trial (its run folder, W&B group); not an axis"
-                       for k in SWEEP_KEYS if _overlaps(axis, k)]
-            errors += [f"{where}: {k} is also set by the {name} preset; keep one of the two axes"
-                       for name in self.axes if name in PRESETS for k in PRESETS[name].keys if _overlaps(axis, k)]
+            errors += [
+                f"{where}: {k} is set by the sweep for each trial (its run folder, W&B group); not an axis"
+                for k in SWEEP_KEYS
+                if _overlaps(axis, k)
+            ]
+            errors += [
+                f"{where}: {k} is also set by the {name} preset; keep one of the two axes"
+                for name in self.axes
+                if name in PRESETS
+                for k in PRESETS[name].keys
+                if _overlaps(axis, k)
+            ]
             return errors
         errors += [f"{where}: {v!r} is not one of {', '.join(preset.values)}" for v in values if not preset.valid(v)]
         if preset.inits:
             given = getattr(self, preset.inits)
-            errors += [f"{p}{preset.inits}.{v}: not set; give the checkpoint URI that {axis}={v} starts from"
-                       for v in values if v != "random" and preset.valid(v) and not given.get(v)]
+            errors += [
+                f"{p}{preset.inits}.{v}: not set; give the checkpoint URI that {axis}={v} starts from"
+                for v in values
+                if v != "random" and preset.valid(v) and not given.get(v)
+            ]
         return errors

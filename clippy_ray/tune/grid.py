@@ -36,6 +36,7 @@ def _yaml(value: Any) -> str:
 
 # ------------------------------------------------------------------------------- trial names
 
+
 def label(sweep: SweepConfig, setting: dict) -> str:
     """A short, unique, path-safe trial name: aggregation=max, token_subsampling=0.5 -> max_sub0.5;
     train.lr=0.001 -> lr0.001. No part holds "_", so different points never share a name."""
@@ -61,6 +62,7 @@ def _dotted_label(sweep: SweepConfig, axis: str, value: Any) -> str:
 
 # ------------------------------------------------------------------------------- trial configs
 
+
 def _absolute(uri: str | None) -> str | None:
     """Local paths made absolute: Tune runs each trial in its own working directory."""
     if not uri or "://" in uri or uri == "byte":
@@ -69,9 +71,16 @@ def _absolute(uri: str | None) -> str | None:
 
 
 def trial_config(sweep: SweepConfig, setting: dict) -> config.Config:
-    cfg = config.load(sweep.base, list(sweep.overrides) + trial_overrides(sweep, setting) + [
-        f"train.run_name={label(sweep, setting)}", f"train.storage={storage.join(sweep.storage, sweep.name, 'runs')}",
-        f"train.wandb.group={sweep.name}"])
+    cfg = config.load(
+        sweep.base,
+        list(sweep.overrides)
+        + trial_overrides(sweep, setting)
+        + [
+            f"train.run_name={label(sweep, setting)}",
+            f"train.storage={storage.join(sweep.storage, sweep.name, 'runs')}",
+            f"train.wandb.group={sweep.name}",
+        ],
+    )
     cfg.data.train, cfg.data.val = _absolute(cfg.data.train), _absolute(cfg.data.val)
     cfg.model.image.pretrained = _absolute(cfg.model.image.pretrained)
     cfg.model.text.pretrained = _absolute(cfg.model.text.pretrained)
@@ -86,8 +95,10 @@ def _axis_errors(sweep: SweepConfig, axis: str) -> list[str]:
         try:
             trial_config(sweep, {axis: value})
         except config.ConfigError as err:
-            out += [f"axes.{axis}: {e[len(axis) + 2:]}" if e.startswith(f"{axis}: ") else f"axes.{axis}={value}: {e}"
-                    for e in err.errors]
+            out += [
+                f"axes.{axis}: {e[len(axis) + 2 :]}" if e.startswith(f"{axis}: ") else f"axes.{axis}={value}: {e}"
+                for e in err.errors
+            ]
     return list(dict.fromkeys(out))  # an unknown key fails alike for every value
 
 
@@ -95,8 +106,9 @@ def load_sweep(path: str | None, overrides: list[str] | None = None) -> tuple[Sw
     """The sweep and every trial's resolved config; any bad field of either fails here, at once."""
     sweep = config.load(path, overrides, cls=SweepConfig)
     if not sweep.base:
-        raise config.ConfigError(["base: not set; name the training config every trial starts from "
-                                  "(e.g. base: configs/demo.yaml)"])
+        raise config.ConfigError(
+            ["base: not set; name the training config every trial starts from (e.g. base: configs/demo.yaml)"]
+        )
     sweep.storage, sweep.eval_data = _absolute(sweep.storage), _absolute(sweep.eval_data)
     try:
         config.load(sweep.base, list(sweep.overrides))
@@ -112,11 +124,21 @@ def load_sweep(path: str | None, overrides: list[str] | None = None) -> tuple[Sw
         except config.ConfigError as err:
             raise config.ConfigError([f"trial {label(sweep, setting)}: {e}" for e in err.errors]) from None
     # Local data that is not there would fail every trial, one after the other: say so now.
-    missing = [(key, uri) for key, uri in (("data.train", trials[0].data.train), ("data.val", trials[0].data.val),
-                                           ("eval_data", sweep.eval_data))
-               if uri and not storage.is_s3(uri) and not os.path.exists(uri)]
+    missing = [
+        (key, uri)
+        for key, uri in (
+            ("data.train", trials[0].data.train),
+            ("data.val", trials[0].data.val),
+            ("eval_data", sweep.eval_data),
+        )
+        if uri and not storage.is_s3(uri) and not os.path.exists(uri)
+    ]
     if missing:
-        raise config.ConfigError([f"{key}: {uri} does not exist; make the data first (`make demo`, or "
-                                  f"`clippy-ray data make-benchmark --out DIR --rows N`) or point {key} at it"
-                                  for key, uri in missing])
+        raise config.ConfigError(
+            [
+                f"{key}: {uri} does not exist; make the data first (`make demo`, or "
+                f"`clippy-ray data make-benchmark --out DIR --rows N`) or point {key} at it"
+                for key, uri in missing
+            ]
+        )
     return sweep, trials

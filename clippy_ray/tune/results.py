@@ -9,8 +9,12 @@ import math
 from clippy_ray import config, storage
 from clippy_ray.tune.config import SweepConfig
 
-METRICS = (("cls_top1", "cls top-1 (%)"), ("seg_miou", "seg mIoU (%)"), ("unsup_jaccard", "unsup Jaccard (%)"),
-           ("robust_gap", "robust gap (pts)"))
+METRICS = (
+    ("cls_top1", "cls top-1 (%)"),
+    ("seg_miou", "seg mIoU (%)"),
+    ("unsup_jaccard", "unsup Jaccard (%)"),
+    ("robust_gap", "robust gap (pts)"),
+)
 
 
 def _num(v, digits: int = 1) -> str:
@@ -56,9 +60,13 @@ def plot(rows: list[dict], title: str) -> bytes:
 
 def write_results(sweep: SweepConfig, rows: list[dict]) -> None:
     root = storage.join(sweep.storage, sweep.name)
-    md = (f"# Sweep `{sweep.name}`\n\nbase: `{sweep.base}`, overrides: `{' '.join(sweep.overrides) or '-'}`, "
-          f"eval data: `{sweep.eval_data}`\n\n" + markdown_table(sweep, rows) + "\n![results](results.png)\n")
+    md = (
+        f"# Sweep `{sweep.name}`\n\nbase: `{sweep.base}`, overrides: `{' '.join(sweep.overrides) or '-'}`, "
+        f"eval data: `{sweep.eval_data}`\n\n" + markdown_table(sweep, rows) + "\n![results](results.png)\n"
+    )
     storage.write_bytes(storage.join(root, "results.md"), md.encode())
-    storage.write_bytes(storage.join(root, "results.json"),
-                        json.dumps({"sweep": config.to_dict(sweep), "rows": rows}, indent=2, default=str).encode())
+    storage.write_bytes(
+        storage.join(root, "results.json"),
+        json.dumps({"sweep": config.to_dict(sweep), "rows": rows}, indent=2, default=str).encode(),
+    )
     storage.write_bytes(storage.join(root, "results.png"), plot(rows, f"sweep {sweep.name}"))

@@ -18,8 +18,8 @@ from clippy_ray.tune.config import SweepConfig
 from clippy_ray.tune.grid import label, settings
 from clippy_ray.tune.results import METRICS, write_results
 
-
 # ------------------------------------------------------------------------------- one trial
+
 
 def run_trial(params: dict, sweep: dict, trials: dict) -> None:
     """The Tune function: train (or resume) the trial's run, evaluate its final checkpoint, report."""
@@ -42,8 +42,9 @@ def run_trial(params: dict, sweep: dict, trials: dict) -> None:
     ckpt = checkpoint_uri(cfg, result)
     if sw.eval_data and ckpt is not None:
         out = storage.join(sw.storage, sw.name, "eval", name)
-        report = run_eval(f"{ckpt}/{HANDOFF_DIR}", sw.eval_data, cfg.eval, out,
-                          log=lambda m: print(f"[{name}] {m}", flush=True))
+        report = run_eval(
+            f"{ckpt}/{HANDOFF_DIR}", sw.eval_data, cfg.eval, out, log=lambda m: print(f"[{name}] {m}", flush=True)
+        )
         numbers = headline(report["results"])
         final.update(numbers)
         if cfg.train.wandb.mode != "disabled":
@@ -54,6 +55,7 @@ def run_trial(params: dict, sweep: dict, trials: dict) -> None:
 
 
 # ------------------------------------------------------------------------------- the sweep
+
 
 class FinishingASHA(ASHAScheduler):
     """ASHA that never stops a trial on the report of its last step. Ray's ASHA puts a rung at
@@ -70,9 +72,15 @@ def _scheduler(sweep: SweepConfig, max_steps: int):
     s = sweep.scheduler
     if s.name == "fifo":
         return FIFOScheduler()
-    return FinishingASHA(time_attr="step", metric=s.metric, mode=s.mode, max_t=max_steps,
-                         grace_period=min(s.grace_period, max_steps), reduction_factor=s.reduction_factor,
-                         stop_last_trials=False)
+    return FinishingASHA(
+        time_attr="step",
+        metric=s.metric,
+        mode=s.mode,
+        max_t=max_steps,
+        grace_period=min(s.grace_period, max_steps),
+        reduction_factor=s.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> list[dict]:
@@ -84,14 +92,17 @@ def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> lis
     # Training reports carry val_loss only on validation steps; ASHA skips the others.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     resolved = {label(sweep, s): config.to_dict(t) for s, t in zip(settings(sweep), trials)}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=config.to_dict(sweep), trials=resolved),
-                                    {"cpu": sweep.trial_cpus})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=config.to_dict(sweep), trials=resolved), {"cpu": sweep.trial_cpus}
+    )
     path, fs = run_storage(sweep.storage)
     experiment = f"{path.rstrip('/')}/{sweep.name}"
     try:
         resumable = tune.Tuner.can_restore(experiment, storage_filesystem=fs)
     except OSError as err:
-        raise storage.StorageError(f"{storage.join(sweep.storage, sweep.name)}: {str(err).strip().splitlines()[0]}") from None
+        raise storage.StorageError(
+            f"{storage.join(sweep.storage, sweep.name)}: {str(err).strip().splitlines()[0]}"
+        ) from None
     if resumable:
         log(f"[sweep] resuming {storage.join(sweep.storage, sweep.name)} (finished trials are kept)")
         tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True, storage_filesystem=fs)
@@ -99,10 +110,14 @@ def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> lis
         grid = settings(sweep)
         log(f"[sweep] {len(grid)} trials: " + ", ".join(label(sweep, s) for s in grid))
         tuner = tune.Tuner(
-            trainable, param_space={"setting": tune.grid_search(grid)},
-            tune_config=tune.TuneConfig(scheduler=_scheduler(sweep, max(t.train.steps for t in trials)),
-                                        max_concurrent_trials=sweep.max_concurrent_trials),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=path, storage_filesystem=fs, verbose=1))
+            trainable,
+            param_space={"setting": tune.grid_search(grid)},
+            tune_config=tune.TuneConfig(
+                scheduler=_scheduler(sweep, max(t.train.steps for t in trials)),
+                max_concurrent_trials=sweep.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=path, storage_filesystem=fs, verbose=1),
+        )
     results = tuner.fit()
     rows = collect_rows(sweep, results)
     write_results(sweep, rows)
@@ -123,7 +138,16 @@ def collect_rows(sweep: SweepConfig, results) -> list[dict]:
         else:
             status = f"stopped early at step {m.get('step', '?')}"
         name = label(sweep, setting)
-        by_label[name] = {"setting": setting, "label": name, "status": status, "val_loss": m.get("val_loss"),
-                          "step": m.get("step"), **{k: m.get(k) for k, _ in METRICS}, "path": r.path}
-    return [by_label.get(label(sweep, s), {"setting": s, "label": label(sweep, s), "status": "not run"})
-            for s in settings(sweep)]
+        by_label[name] = {
+            "setting": setting,
+            "label": name,
+            "status": status,
+            "val_loss": m.get("val_loss"),
+            "step": m.get("step"),
+            **{k: m.get(k) for k, _ in METRICS},
+            "path": r.path,
+        }
+    return [
+        by_label.get(label(sweep, s), {"setting": s, "label": label(sweep, s), "status": "not run"})
+        for s in settings(sweep)
+    ]

@@ -22,8 +22,11 @@ class Classification(Task):
     def reduce(self, parts: dict[str, list[dict]], data: EvalSet) -> dict:
         p = parts["eval"]
         rows = sum(x["rows"] for x in p)
-        return {"top1": 100 * sum(x["hits1"] for x in p) / max(rows, 1),
-                "top5": 100 * sum(x["hits5"] for x in p) / max(rows, 1), "rows": rows}
+        return {
+            "top1": 100 * sum(x["hits1"] for x in p) / max(rows, 1),
+            "top5": 100 * sum(x["hits5"] for x in p) / max(rows, 1),
+            "rows": rows,
+        }
 
     def headline(self, metrics: dict) -> dict[str, float]:
         return {"cls_top1": metrics["top1"], "cls_top5": metrics["top5"]}
@@ -32,8 +35,10 @@ class Classification(Task):
         return f"cls top-1 {metrics['top1']:.1f}%"
 
     def report_rows(self, metrics: dict) -> list[str]:
-        return [f"| cls | top-1 accuracy (%) | {fmt(metrics['top1'])} | {metrics['rows']} |",
-                f"| cls | top-5 accuracy (%) | {fmt(metrics['top5'])} | {metrics['rows']} |"]
+        return [
+            f"| cls | top-1 accuracy (%) | {fmt(metrics['top1'])} | {metrics['rows']} |",
+            f"| cls | top-5 accuracy (%) | {fmt(metrics['top5'])} | {metrics['rows']} |",
+        ]
 
 
 TASK = Classification()

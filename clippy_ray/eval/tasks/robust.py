@@ -36,37 +36,54 @@ class Robustness(Task):
 
         matched = np.asarray([column.get(int(v), -1) for v in cat("labels", "matched")])
         swapped = np.asarray([column.get(int(v), -1) for v in cat("labels", "swapped")])
-        out = metrics.domain_gap(cat("correct", "matched"), matched, cat("correct", "swapped"), swapped,
-                                 [names[i] for i in ids])
+        out = metrics.domain_gap(
+            cat("correct", "matched"), matched, cat("correct", "swapped"), swapped, [names[i] for i in ids]
+        )
         out["rows"] = {"matched": int(len(matched)), "swapped": int(len(swapped))}
         return out
 
     def headline(self, metrics: dict) -> dict[str, float]:
-        return {"robust_gap": metrics["gap"], "robust_matched": metrics["matched"],
-                "robust_swapped": metrics["swapped"]}
+        return {
+            "robust_gap": metrics["gap"],
+            "robust_matched": metrics["matched"],
+            "robust_swapped": metrics["swapped"],
+        }
 
     def summary(self, metrics: dict) -> str:
         return f"robust gap {metrics['gap']:.1f} pts"
 
     def report_rows(self, metrics: dict) -> list[str]:
         rows = f"{metrics['rows']['matched']} + {metrics['rows']['swapped']}"
-        return [f"| robust | matched accuracy (%) | {fmt(metrics['matched'])} | {rows} |",
-                f"| robust | swapped accuracy (%) | {fmt(metrics['swapped'])} | {rows} |",
-                f"| robust | domain gap (points) | {fmt(metrics['gap'])} | {rows} |"]
+        return [
+            f"| robust | matched accuracy (%) | {fmt(metrics['matched'])} | {rows} |",
+            f"| robust | swapped accuracy (%) | {fmt(metrics['swapped'])} | {rows} |",
+            f"| robust | domain gap (points) | {fmt(metrics['gap'])} | {rows} |",
+        ]
 
     def report_details(self, metrics: dict) -> list[str]:
-        return (["", "## robust: accuracy per class group (%)", "", "| class | matched | swapped | gap |",
-                 "|---|---|---|---|"]
-                + [f"| {n} | {fmt(v['matched'])} | {fmt(v['swapped'])} | {fmt(v['gap'])} |"
-                   for n, v in metrics["per_class"].items()])
+        return [
+            "",
+            "## robust: accuracy per class group (%)",
+            "",
+            "| class | matched | swapped | gap |",
+            "|---|---|---|---|",
+        ] + [
+            f"| {n} | {fmt(v['matched'])} | {fmt(v['swapped'])} | {fmt(v['gap'])} |"
+            for n, v in metrics["per_class"].items()
+        ]
 
     def pictures(self, ev: Evaluator, samples: list[Sample]) -> list[dict]:
         # Per-location argmax over the classes and the context names (the paper's Figure 4a):
         # ids 0..F-1 = foreground classes, F.. = contexts.
         classifier = torch.cat([ev.fg, ev.context])
-        return [{"key": s.key, "image": s.image,
-                 "pred": score_maps(dense, classifier, tuple(s.image.shape[:2])).argmax(0).cpu().numpy()}
-                for s, dense in ev.dense(samples)]
+        return [
+            {
+                "key": s.key,
+                "image": s.image,
+                "pred": score_maps(dense, classifier, tuple(s.image.shape[:2])).argmax(0).cpu().numpy(),
+            }
+            for s, dense in ev.dense(samples)
+        ]
 
     def legend(self, data: EvalSet) -> tuple[list[str], np.ndarray]:
         names = class_names(data)

@@ -31,11 +31,12 @@ class Segmentation(Task):
     def reduce(self, parts: dict[str, list[dict]], data: EvalSet) -> dict:
         conf = np.sum([x["confusion"] for x in parts["eval"]], axis=0)
         iou = metrics.iou_per_class(conf)
-        return {"miou": 100 * metrics.mean_iou(conf),
-                "pixel_accuracy": 100 * float(np.trace(conf) / max(conf.sum(), 1)),
-                "per_class_iou": {n: (None if math.isnan(v) else 100 * float(v))
-                                  for n, v in zip(class_names(data), iou)},
-                "pixels": int(conf.sum())}
+        return {
+            "miou": 100 * metrics.mean_iou(conf),
+            "pixel_accuracy": 100 * float(np.trace(conf) / max(conf.sum(), 1)),
+            "per_class_iou": {n: (None if math.isnan(v) else 100 * float(v)) for n, v in zip(class_names(data), iou)},
+            "pixels": int(conf.sum()),
+        }
 
     def headline(self, metrics: dict) -> dict[str, float]:
         return {"seg_miou": metrics["miou"]}
@@ -47,12 +48,21 @@ class Segmentation(Task):
         return [f"| seg | mIoU (%) | {fmt(metrics['miou'])} | {metrics['pixels']} px |"]
 
     def report_details(self, metrics: dict) -> list[str]:
-        return (["", "## seg: IoU per class (%)", "", "| class | IoU |", "|---|---|"]
-                + [f"| {n} | {fmt(v)} |" for n, v in metrics["per_class_iou"].items()])
+        return ["", "## seg: IoU per class (%)", "", "| class | IoU |", "|---|---|"] + [
+            f"| {n} | {fmt(v)} |" for n, v in metrics["per_class_iou"].items()
+        ]
 
     def pictures(self, ev: Evaluator, samples: list[Sample]) -> list[dict]:
-        return [{"key": s.key, "image": s.image, "truth": s.mask, "pred": ev.predict(s, dense),
-                 "groups": ev.groups(s, dense)} for s, dense in ev.dense(samples)]
+        return [
+            {
+                "key": s.key,
+                "image": s.image,
+                "truth": s.mask,
+                "pred": ev.predict(s, dense),
+                "groups": ev.groups(s, dense),
+            }
+            for s, dense in ev.dense(samples)
+        ]
 
     def legend(self, data: EvalSet) -> tuple[list[str], np.ndarray]:
         names = class_names(data)
