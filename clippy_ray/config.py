@@ -30,6 +30,12 @@ class ConfigError(UserError, ValueError):
 
 AGGREGATIONS = ("max", "avg", "cls")
 MATMUL_DTYPES = ("auto", "bfloat16", "float32")
+_RULES = {">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0}
+
+
+def out_of_range(path: str, obj: Any, rule: str, names: tuple[str, ...]) -> list[str]:
+    """One line per field of `obj` named in `names` that breaks `rule` (">= 1", "> 0" or ">= 0")."""
+    return [f"{path}.{n}: {getattr(obj, n)} must be {rule}" for n in names if not _RULES[rule](getattr(obj, n))]
 
 
 @dataclass
@@ -61,10 +67,7 @@ class TextConfig:
     max_length: int = 64
 
     def check(self, path: str) -> list[str]:
-        errors = []
-        if self.max_length <= 0:
-            errors.append(f"{path}.max_length: {self.max_length} must be >= 1")
-        return errors
+        return out_of_range(path, self, ">= 1", ("max_length",))
 
 
 @dataclass
@@ -80,8 +83,7 @@ class ModelConfig:
 
     def check(self, path: str) -> list[str]:
         errors = self.image.check(f"{path}.image") + self.text.check(f"{path}.text")
-        if self.embed_dim <= 0:
-            errors.append(f"{path}.embed_dim: {self.embed_dim} must be >= 1")
+        errors += out_of_range(path, self, ">= 1", ("embed_dim",))
         if self.aggregation not in AGGREGATIONS:
             errors.append(f"{path}.aggregation: {self.aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
         if self.token_keep_ratio is not None and self.token_keep_count is not None:
@@ -131,22 +133,11 @@ class DataConfig:
     #                          first batch 5.2 s with 32, 2.9 s with 1); raise it for 10k+ files on S3
 
     def check(self, path: str) -> list[str]:
-        errors = []
-        if self.shuffle_buffer < 0:
-            errors.append(f"{path}.shuffle_buffer: {self.shuffle_buffer} must be >= 0")
+        errors = out_of_range(path, self, ">= 0", ("shuffle_buffer",))
         if not 0 < self.min_crop_scale <= 1:
             errors.append(f"{path}.min_crop_scale: {self.min_crop_scale} must be in (0, 1]")
-        if self.decode_batch_size < 1:
-            errors.append(f"{path}.decode_batch_size: {self.decode_batch_size} must be >= 1")
-        if self.block_mib < 1:
-            errors.append(f"{path}.block_mib: {self.block_mib} must be >= 1")
-        if self.decode_cpus <= 0:
-            errors.append(f"{path}.decode_cpus: {self.decode_cpus} must be > 0")
-        if self.read_cpus <= 0:
-            errors.append(f"{path}.read_cpus: {self.read_cpus} must be > 0")
-        if self.footer_readers < 1:
-            errors.append(f"{path}.footer_readers: {self.footer_readers} must be >= 1")
-        return errors
+        errors += out_of_range(path, self, ">= 1", ("decode_batch_size", "block_mib", "footer_readers"))
+        return errors + out_of_range(path, self, "> 0", ("decode_cpus", "read_cpus"))
 
 
 OPTIMIZERS = ("adamw", "lamb")
@@ -201,19 +192,9 @@ class TrainConfig:
 
     def check(self, path: str) -> list[str]:
         errors = self.wandb.check(f"{path}.wandb")
-        positive = {
-            "num_workers": self.num_workers,
-            "global_batch_size": self.global_batch_size,
-            "grad_accum_steps": self.grad_accum_steps,
-            "steps": self.steps,
-            "checkpoint_every": self.checkpoint_every,
-            "keep_checkpoints": self.keep_checkpoints,
-            "log_every": self.log_every,
-            "val_batches": self.val_batches,
-        }
-        errors += [f"{path}.{k}: {v} must be >= 1" for k, v in positive.items() if v < 1]
-        if self.lr <= 0:
-            errors.append(f"{path}.lr: {self.lr} must be > 0")
+        counts = ("num_workers", "global_batch_size", "grad_accum_steps", "steps", "checkpoint_every")
+        errors += out_of_range(path, self, ">= 1", (*counts, "keep_checkpoints", "log_every", "val_batches"))
+        errors += out_of_range(path, self, "> 0", ("lr",))
         if self.lr > 0 and not 0 <= self.min_lr <= self.lr:
             errors.append(f"{path}.min_lr: {self.min_lr} must be in [0, lr={self.lr}]")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -222,15 +203,12 @@ class TrainConfig:
             errors.append(f"{path}.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             errors.append(f"{path}.optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        for name in ("warmup_steps", "val_every", "max_failures"):
-            if getattr(self, name) < 0:
-                errors.append(f"{path}.{name}: {getattr(self, name)} must be >= 0")
+        errors += out_of_range(path, self, ">= 0", ("warmup_steps", "val_every", "max_failures"))
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             errors.append(f"{path}: weight_decay and grad_clip must be >= 0, eps > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             errors.append(f"{path}.betas: {list(self.betas)} must be two numbers in [0, 1)")
-        if self.cpus_per_worker <= 0:
-            errors.append(f"{path}.cpus_per_worker: {self.cpus_per_worker} must be > 0")
+        errors += out_of_range(path, self, "> 0", ("cpus_per_worker",))
         per = self.num_workers * self.grad_accum_steps
         if per >= 1 and self.global_batch_size >= 1 and self.global_batch_size % per:
             errors.append(
@@ -270,22 +248,16 @@ class EvalConfig:
         ]
         if self.background not in BACKGROUND_MODES:
             errors.append(f"{path}.background: {self.background!r} is not one of {', '.join(BACKGROUND_MODES)}")
-        positive = {
-            "batch_size": self.batch_size,
-            "workers": self.workers,
-            "rows_per_shard": self.rows_per_shard,
-            "pca_components": self.pca_components,
-        }
-        errors += [f"{path}.{k}: {v} must be >= 1" for k, v in positive.items() if v < 1]
+        errors += out_of_range(path, self, ">= 1", ("batch_size", "workers", "rows_per_shard", "pca_components"))
         if self.resolution is not None and self.resolution < 1:
             errors.append(f"{path}.resolution: {self.resolution} must be >= 1 (or null for 2 x the train size)")
         if self.max_rows is not None and self.max_rows < 1:
             errors.append(f"{path}.max_rows: {self.max_rows} must be >= 1 (or null for all rows)")
-        if self.cpus_per_worker <= 0:
-            errors.append(f"{path}.cpus_per_worker: {self.cpus_per_worker} must be > 0")
-        if self.examples < 0:
-            errors.append(f"{path}.examples: {self.examples} must be >= 0")
-        return errors
+        return (
+            errors
+            + out_of_range(path, self, "> 0", ("cpus_per_worker",))
+            + out_of_range(path, self, ">= 0", ("examples",))
+        )
 
 
 @dataclass

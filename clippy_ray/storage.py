@@ -67,7 +67,8 @@ def _hint(uri: str) -> str:
     )
 
 
-def _describe(uri: str, err: Exception) -> StorageError:
+def describe(uri: str, err: Exception) -> StorageError:
+    """A StorageError naming `uri`, the first line of the reason, and what to check on S3."""
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return StorageError(f"{uri}: {first_line}.{_hint(uri)}")
 
@@ -77,7 +78,7 @@ def info(uri: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as err:
-        raise _describe(uri, err) from None
+        raise describe(uri, err) from None
 
 
 def exists(uri: str) -> bool:
@@ -120,7 +121,7 @@ def fetch(uri: str) -> Path:
             if not target.exists():
                 raise
     except OSError as err:
-        raise _describe(uri, err) from None
+        raise describe(uri, err) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -134,7 +135,7 @@ def upload(local: str | os.PathLike, uri: str) -> None:
             fs.create_dir(os.path.dirname(path), recursive=True)
         pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     except OSError as err:
-        raise _describe(uri, err) from None
+        raise describe(uri, err) from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -146,4 +147,4 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
     except OSError as err:
-        raise _describe(uri, err) from None
+        raise describe(uri, err) from None

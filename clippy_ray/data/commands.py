@@ -18,6 +18,7 @@ import ray
 from clippy_ray import storage
 from clippy_ray.data import benchmark
 from clippy_ray.data.schema import check_columns, image_bytes
+from clippy_ray.data.transforms import open_rgb
 from clippy_ray.errors import InputError
 
 BENCHMARK_SCHEMA = pa.schema(
@@ -97,7 +98,7 @@ def _parquet_dataset(uri: str) -> pads.Dataset:
     try:
         return pads.dataset(path, filesystem=fs, format="parquet")
     except (OSError, FileNotFoundError) as err:
-        raise storage.StorageError(f"{uri}: {str(err).strip().splitlines()[0]}") from None
+        raise storage.describe(uri, err) from None
 
 
 def parquet_size(uri: str) -> tuple[int, int]:
@@ -109,8 +110,6 @@ def parquet_size(uri: str) -> tuple[int, int]:
 def inspect(uri: str, image_column: str = "image", caption_column: str = "caption", sample: int = 256) -> dict:
     """Row count (from parquet metadata), columns, a few captions, and how many of the first
     `sample` images decode."""
-    from PIL import Image
-
     ds = _parquet_dataset(uri)
     check_columns(ds.schema, uri, image_column, caption_column, "--image-column", "--caption-column")
     head = ds.head(sample, columns=[image_column, caption_column])
@@ -119,7 +118,7 @@ def inspect(uri: str, image_column: str = "image", caption_column: str = "captio
         data = image_bytes(value)
         try:
             if data is not None:
-                Image.open(io.BytesIO(data)).convert("RGB")
+                open_rgb(data)
                 decoded += 1
         except Exception:  # noqa: BLE001 - counting undecodable images is the point
             pass

@@ -57,7 +57,7 @@ def read_parquet(uri: str, columns: list[str], cfg: DataConfig, first_epoch: int
         )
         schema = ds.schema()  # parquet footers only; nothing is decoded yet
     except OSError as err:
-        raise storage.StorageError(f"{uri}: {str(err).strip().splitlines()[0]}") from None
+        raise storage.describe(uri, err) from None
     finally:
         if previous is None:
             os.environ.pop(FOOTER_READERS_ENV, None)

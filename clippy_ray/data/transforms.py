@@ -18,11 +18,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RATIO = (3 / 4, 4 / 3)
 
 
-def open_rgb(data: bytes, min_side: int) -> Image.Image:
-    """Decode to RGB. JPEGs are decoded at a reduced size (DCT scaling via `draft`) when the
-    target is much smaller than the source, but never below `min_side` on the short side."""
+def open_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Decode to RGB. With `min_side`, JPEGs are decoded at a reduced size (DCT scaling via `draft`)
+    when the target is much smaller than the source, but never below `min_side` on the short side."""
     img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
+    if img.format == "JPEG" and min_side:
         w, h = img.size
         scale = min_side / min(w, h)
         img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))

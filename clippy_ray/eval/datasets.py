@@ -20,6 +20,7 @@ from PIL import Image
 from clippy_ray import storage
 from clippy_ray.data import benchmark
 from clippy_ray.data.schema import image_bytes
+from clippy_ray.data.transforms import open_rgb
 from clippy_ray.errors import UserError
 from clippy_ray.eval.metrics import IGNORE
 
@@ -135,7 +136,7 @@ def _list(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except (OSError, FileNotFoundError) as err:
-        raise storage.StorageError(f"{uri}: {str(err).strip().splitlines()[0]}") from None
+        raise storage.describe(uri, err) from None
     rel = sorted(
         i.path[len(path) :].lstrip("/")
         for i in infos
@@ -349,7 +350,7 @@ def _open_waterbirds(uri: str, classes: str | None, rows_per_shard: int, max_row
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return np.asarray(open_rgb(data))
 
 
 def decode_labels(data: bytes) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clippy_ray.config import EvalConfig
-from clippy_ray.data.transforms import normalize
+from clippy_ray.data.transforms import center_square_box, normalize
 from clippy_ray.eval.datasets import EvalDataError, EvalSet, Sample, read_templates
 
 # ------------------------------------------------------------------------------- inputs
@@ -29,8 +29,7 @@ def prepare(image: np.ndarray, short_side: int, patch: int, crop: bool) -> torch
     img = Image.fromarray(image)
     w, h = img.size
     if crop:
-        side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        box = center_square_box(w, h)
         size = (short_side, short_side)
     else:
         box = None

@@ -14,7 +14,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from clippy_ray import storage
 from clippy_ray.errors import UserError
-from clippy_ray.model.text import encoder_from_config
+from clippy_ray.model.text import T5_ENCODERS, encoder_from_config
 
 # Keys that hold the whole model inside common checkpoint wrappers (DINO: teacher/student).
 _WRAPPERS = ("state_dict", "model", "teacher", "module")
@@ -133,7 +133,7 @@ def load_text_encoder(uri: str, overrides: dict | None = None) -> PreTrainedMode
     state = _read_hf_weights(folder)
     prefix = f"{encoder.base_model_prefix}."
     state = {k.removeprefix(prefix): v for k, v in state.items()}
-    if config.model_type in ("t5", "mt5", "umt5"):
+    if config.model_type in T5_ENCODERS:
         state = {k: v for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}
     load_strict(encoder, state, uri)
     return encoder

@@ -9,12 +9,12 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from clippy_ray.config import TextConfig
 
-_T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
 def encoder_from_config(config: PretrainedConfig) -> PreTrainedModel:
     """Encoder-only model for a config: T5 family -> its EncoderModel, anything else -> AutoModel."""
-    name = _T5_ENCODERS.get(config.model_type)
+    name = T5_ENCODERS.get(config.model_type)
     if name is not None:
         import transformers
 

@@ -52,28 +52,24 @@ def _token_subsampling(sweep: SweepConfig, v: str | float) -> list[str]:
     return ["model.token_keep_count=null", f"model.token_keep_ratio={'null' if v == 'off' else v}"]
 
 
+def _sub_label(v: str | float) -> str:
+    return "sub-off" if v == "off" else f"sub{v}"
+
+
+def _accepts_subsampling(v: Any) -> bool:
+    return v == "off" or _is_ratio(v)
+
+
+_INIT_KEYS = {"image": ("model.image.pretrained",), "text": ("model.text.pretrained", "model.text.tokenizer")}
+_KEEP_KEYS = ("model.token_keep_ratio", "model.token_keep_count")
 PRESETS = {
-    "aggregation": Preset(AGGREGATIONS, ("model.aggregation",), lambda sweep, v: [f"model.aggregation={v}"], label=str),
+    "aggregation": Preset(AGGREGATIONS, ("model.aggregation",), lambda sweep, v: [f"model.aggregation={v}"], str),
     "image_init": Preset(
-        ("ssl", "supervised", "random"),
-        ("model.image.pretrained",),
-        _image_init,
-        label=lambda v: f"image-{v}",
-        inits="image_inits",
+        ("ssl", "supervised", "random"), _INIT_KEYS["image"], _image_init, "image-{}".format, inits="image_inits"
     ),
-    "text_init": Preset(
-        ("sentence", "random"),
-        ("model.text.pretrained", "model.text.tokenizer"),
-        _text_init,
-        label=lambda v: f"text-{v}",
-        inits="text_inits",
-    ),
+    "text_init": Preset(("sentence", "random"), _INIT_KEYS["text"], _text_init, "text-{}".format, inits="text_inits"),
     "token_subsampling": Preset(
-        ("off", "a ratio in (0, 1]"),
-        ("model.token_keep_ratio", "model.token_keep_count"),
-        _token_subsampling,
-        label=lambda v: "sub-off" if v == "off" else f"sub{v}",
-        accepts=lambda v: v == "off" or _is_ratio(v),
+        ("off", "a ratio in (0, 1]"), _KEEP_KEYS, _token_subsampling, _sub_label, accepts=_accepts_subsampling
     ),
 }
 # Keys every trial gets from the sweep itself (its run folder and W&B group), so no axis may vary them.
