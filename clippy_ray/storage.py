@@ -6,6 +6,7 @@ Endpoints and credentials come from the environment (`AWS_ENDPOINT_URL`, `AWS_AC
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -28,11 +29,23 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
-def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
-    """An S3 filesystem configured from the environment (or an explicit endpoint URL)."""
+@functools.lru_cache(maxsize=64)
+def bucket_region(bucket: str) -> str:
+    """The AWS region a bucket lives in (one HEAD request), us-east-1 if it cannot be asked: a
+    client pointed at the wrong region gets HTTP 301 for every request."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError):
+        return "us-east-1"
+
+
+def s3_filesystem(endpoint: str | None = None, bucket: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem configured from the environment (or an explicit endpoint URL). The region:
+    AWS_REGION / AWS_DEFAULT_REGION, else (on AWS itself) the region `bucket` lives in."""
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     kwargs: dict = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "region": region or (bucket_region(bucket) if bucket and not endpoint else "us-east-1"),
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
         "connect_timeout": 10,
         "request_timeout": 60,
@@ -52,7 +65,7 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         path = uri[len("s3://") :].rstrip("/")
         if not path or path[0] == "/":
             raise StorageError(f"{uri}: expected s3://bucket/key")
-        return s3_filesystem(), path
+        return s3_filesystem(bucket=path.split("/", 1)[0]), path
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"{uri}: unsupported scheme; use a local path or s3://bucket/prefix")
     return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))

@@ -42,9 +42,12 @@ def _image_init(sweep: SweepConfig, v: str) -> list[str]:
 
 
 def _text_init(sweep: SweepConfig, v: str) -> list[str]:
+    """Both values use the sentence model's tokenizer (its folder holds it), so the axis varies
+    the weights alone, not the vocabulary or the caption length the text tower sees."""
+    tokenizer = sweep.text_inits.get("sentence")
     if v == "random":
-        return ["model.text.pretrained=null"]
-    uri = sweep.text_inits[v]  # Sentence-T5's folder holds its tokenizer too
+        return ["model.text.pretrained=null"] + ([f"model.text.tokenizer={tokenizer}"] if tokenizer else [])
+    uri = sweep.text_inits[v]
     return [f"model.text.pretrained={uri}", f"model.text.tokenizer={uri}"]
 
 

@@ -102,6 +102,30 @@ def _axis_errors(sweep: SweepConfig, axis: str) -> list[str]:
     return list(dict.fromkeys(out))  # an unknown key fails alike for every value
 
 
+def scheduler_errors(sweep: SweepConfig, trials: list[config.Config]) -> list[str]:
+    """ASHA needs its metric before the last step: validation data, and validation during training."""
+    s = sweep.scheduler
+    if s.name != "asha" or not s.metric.startswith("val_"):
+        return []
+    steps, t = min(t.train.steps for t in trials), trials[0]
+    if not t.data.val:
+        return [f"scheduler.metric: {s.metric} needs validation data; set data.val (or use scheduler.name=fifo)"]
+    if not 0 < t.train.val_every < steps:
+        return [
+            f"scheduler.metric: {s.metric} is reported every train.val_every={t.train.val_every} steps "
+            f"(0: only at the end) of {steps}; set train.val_every below {steps} so ASHA can compare trials"
+        ]
+    return []
+
+
+def asha_never_stops(sweep: SweepConfig, trials: list[config.Config]) -> str | None:
+    """Why ASHA could stop no trial (its grace period outlasts the trials), or None."""
+    steps = min(t.train.steps for t in trials)
+    if sweep.scheduler.name == "asha" and sweep.scheduler.grace_period >= steps:
+        return f"scheduler.grace_period {sweep.scheduler.grace_period} >= {steps} steps: ASHA will stop no trial"
+    return None
+
+
 def load_sweep(path: str | None, overrides: list[str] | None = None) -> tuple[SweepConfig, list[config.Config]]:
     """The sweep and every trial's resolved config; any bad field of either fails here, at once."""
     sweep = config.load(path, overrides, cls=SweepConfig)
@@ -123,6 +147,9 @@ def load_sweep(path: str | None, overrides: list[str] | None = None) -> tuple[Sw
             trials.append(trial_config(sweep, setting))
         except config.ConfigError as err:
             raise config.ConfigError([f"trial {label(sweep, setting)}: {e}" for e in err.errors]) from None
+    errors = scheduler_errors(sweep, trials)
+    if errors:
+        raise config.ConfigError(errors)
     # Local data that is not there would fail every trial, one after the other: say so now.
     missing = [
         (key, uri)

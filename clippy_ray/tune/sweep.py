@@ -15,7 +15,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from clippy_ray import config, storage
 from clippy_ray.tune.config import SweepConfig
-from clippy_ray.tune.grid import label, settings
+from clippy_ray.tune.grid import asha_never_stops, label, settings
 from clippy_ray.tune.results import METRICS, write_results
 
 # ------------------------------------------------------------------------------- one trial
@@ -91,6 +91,8 @@ def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> lis
 
     # Training reports carry val_loss only on validation steps; ASHA skips the others.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if note := asha_never_stops(sweep, trials):
+        log(f"[sweep] note: {note}")
     resolved = {label(sweep, s): config.to_dict(t) for s, t in zip(settings(sweep), trials)}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=config.to_dict(sweep), trials=resolved), {"cpu": sweep.trial_cpus}
