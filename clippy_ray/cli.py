@@ -127,9 +127,17 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from clippy_ray import config, storage
     from clippy_ray.model.handoff import HANDOFF_DIR
-    from clippy_ray.train.trainer import checkpoint_uri, fit
+    from clippy_ray.train.trainer import checkpoint_uri, dry_run, fit
 
     cfg = config.load(args.config, args.overrides)
+    if args.dry_run:
+        from clippy_ray.console import Console
+
+        console = Console()
+        for line in dry_run(cfg):
+            console.line(line)
+        console.line("dry run: nothing was started")
+        return 0
     with _ray_session(args, storage.join(cfg.train.storage, cfg.train.run_name)) as console:
         console.line(
             f"config: {args.config or 'defaults'}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
@@ -195,6 +203,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from clippy_ray.tune.sweep import run_sweep
 
     sweep, trials = load_sweep(args.config, args.overrides)
+    if args.dry_run:
+        from clippy_ray.console import Console
+        from clippy_ray.tune.sweep import dry_run
+
+        console = Console()
+        for line in dry_run(sweep, trials):
+            console.line(line)
+        console.line("dry run: nothing was started")
+        return 0
     with _ray_session(args, storage.join(sweep.storage, sweep.name)):
         rows = run_sweep(sweep, trials)
     print(markdown_table(sweep, rows), end="")
@@ -275,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a new run from this checkpoint URI (ignored when the run already has checkpoints)",
     )
     p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and check data, weights, storage; train nothing"
+    )
+    p.add_argument(
         "--from-mode",
         choices=("weights", "full"),
         default="weights",
@@ -309,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="a sweep (the ablation): Ray Tune over any config keys and the paper's presets")
     p.add_argument("--config", required=True, help="sweep YAML (configs/ablation_demo.yaml, configs/ablation.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="sweep keys, e.g. max_concurrent_trials=2")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and check data, weights, storage")
     _add_verbose(p)
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("demo", help="benchmark -> train the tiny CLIPpy -> handoff checkpoint (make demo)")

@@ -81,3 +81,31 @@ def test_a_model_name_that_is_not_a_vit_is_one_line():
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clippy-ray: model.image.name='resnet18'"), lines
+
+
+def test_train_dry_run_prints_the_plan_checks_weights_and_starts_nothing(tmp_path, capsys):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from PIL import Image
+
+    from clippy_ray import cli
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    (tmp_path / "train").mkdir()
+    table = pa.table({"image": [png.getvalue()] * 3, "caption": ["a red square"] * 3})
+    pq.write_table(table, tmp_path / "train" / "part-0.parquet")
+    args = ["train", "--dry-run", f"data.train={tmp_path}/train", f"train.storage={tmp_path}/runs"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"data: train {tmp_path}/train (3 rows, 1 file)" in out
+    assert f"run folder: {tmp_path}/runs/clippy (new run)" in out and "dry run: nothing was started" in out
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+    assert cli.main([*args, f"model.image.pretrained={tmp_path}/dino.pth"]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = f"model.image.pretrained={tmp_path}/dino.pth: no such file or folder; upload the weights there"
+    assert err == f"clippy-ray: {expected} or fix the URI"

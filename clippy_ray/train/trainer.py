@@ -51,6 +51,48 @@ def describe(cfg: config.Config) -> list[str]:
     ]
 
 
+def check_weights(cfg: config.Config) -> list[str]:
+    """One line per pretrained file or tokenizer folder the config names, each checked to exist."""
+    text = cfg.model.text
+    weights = (
+        ("model.image.pretrained", cfg.model.image.pretrained),
+        ("model.text.pretrained", text.pretrained),
+        ("model.text.tokenizer", None if text.tokenizer == "byte" else text.tokenizer),
+    )
+    lines = []
+    for name, uri in weights:
+        if uri and not storage.exists(uri):
+            raise storage.StorageError(f"{name}={uri}: no such file or folder; upload the weights there or fix the URI")
+        if uri:
+            lines.append(f"weights: {name} = {uri} (found)")
+    return lines
+
+
+def dry_run(cfg: config.Config) -> list[str]:
+    """The plan of a run without starting it, after checking that its data, weights and storage are
+    reachable (a StorageError names the first that is not): what a cluster user reads before paying."""
+    lines = describe(cfg) + check_weights(cfg)  # describe reads the parquet footers: the data is readable
+    t = cfg.train
+    root = storage.join(t.storage, t.run_name)
+    if storage.is_s3(root):
+        bucket = "s3://" + root[len("s3://") :].split("/", 1)[0]
+        if not storage.exists(bucket):
+            raise storage.StorageError(
+                f"train.storage={t.storage}: bucket {bucket} not found; create it or fix the URI"
+            )
+    resumes = storage.exists(storage.join(root, "config.yaml"))
+    lines.append(
+        f"run folder: {root} ({'exists: the run resumes from its latest checkpoint' if resumes else 'new run'})"
+    )
+    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    lines.append(
+        f"resources: {t.num_workers} workers x {per_worker} (+ Ray Data decode tasks at {cfg.data.decode_cpus} CPU "
+        f"each); precision {t.precision}, ZeRO-{t.zero_stage}, {t.steps} steps, checkpoint every "
+        f"{t.checkpoint_every}, validation every {t.val_every or 'run end only'}"
+    )
+    return lines
+
+
 def fit(
     cfg: config.Config,
     init_from: str | None = None,

@@ -83,6 +83,31 @@ def _scheduler(sweep: SweepConfig, max_steps: int):
     )
 
 
+def dry_run(sweep: SweepConfig, trials: list[config.Config]) -> list[str]:
+    """The sweep's plan (the first trial's run plan, then one line per trial) after checking its
+    data, every trial's weights and the evaluation data are reachable; nothing is started."""
+    from clippy_ray.train.trainer import check_weights
+    from clippy_ray.train.trainer import dry_run as run_plan
+
+    lines = [
+        f"sweep {sweep.name}: {len(trials)} trials, at most {sweep.max_concurrent_trials} at once, "
+        f"scheduler {sweep.scheduler.name}, under {storage.join(sweep.storage, sweep.name)}"
+    ]
+    lines += run_plan(trials[0])
+    for setting, trial in zip(settings(sweep), trials):
+        check_weights(trial)  # each trial's inits can differ
+        t = trial.train
+        lines.append(
+            f"trial {label(sweep, setting)}: {t.num_workers} workers x {t.cpus_per_worker} CPU"
+            f"{' + 1 GPU' if t.use_gpu else ''}, {t.steps} steps"
+        )
+    if sweep.eval_data and not storage.exists(sweep.eval_data):
+        raise storage.StorageError(f"eval_data={sweep.eval_data}: not found; upload the evaluation data or fix the URI")
+    if note := asha_never_stops(sweep, trials):
+        lines.append(f"note: {note}")
+    return lines
+
+
 def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> list[dict]:
     """Run (or resume) the sweep; write results.md / results.json / results.png; return the rows."""
     from ray import tune
