@@ -51,3 +51,22 @@ def test_job_entrypoints_run_from_a_working_dir_copy(tmp_path):
             [sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
         )
         assert out.returncode == 0 and expected in out.stdout, out.stderr[-1000:]
+
+
+def test_every_cluster_definition_runs_the_drivers_ray_and_python_with_a_job_server():
+    """`ray job submit` needs the dashboard's job server (ray[default]) on the head, and the package
+    needs Python >= 3.10: the launcher's Docker image, the Dockerfile and the RayJob all use Ray's
+    2.60 py311 image, and the launcher's head profile is not the workers' S3-only one."""
+    import ray
+
+    launcher = yaml.safe_load((ROOT / "cluster/aws.yaml").read_text())
+    image = launcher["docker"]["image"]
+    assert image.startswith(f"rayproject/ray:{ray.__version__}-py31")
+    assert any("ray[default" in cmd and f"=={ray.__version__}" in cmd for cmd in launcher["setup_commands"])
+    dockerfile = (ROOT / "cluster/Dockerfile").read_text()
+    assert f"FROM {image}" in dockerfile and f'"ray[default,train,data,tune]=={ray.__version__}"' in dockerfile
+    nodes = launcher["available_node_types"]
+    head_profile = nodes["head"]["node_config"]["IamInstanceProfile"]["Name"]
+    assert all(head_profile != n["node_config"]["IamInstanceProfile"]["Name"] for k, n in nodes.items() if k != "head")
+    job = yaml.safe_load((ROOT / "cluster/kuberay.yaml").read_text())
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
