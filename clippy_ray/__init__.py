@@ -1,3 +1,36 @@
-"""clippy-ray: distributed training of CLIPpy (perceptual grouping in contrastive VLMs)."""
+"""clippy-ray: distributed training of CLIPpy (perceptual grouping in contrastive vision-language models).
+
+Use a trained model from Python:
+
+    import clippy_ray
+    model, tokenizer, preprocess = clippy_ray.load("runs/demo/checkpoints/demo/step_00000300")
+
+`load`, `Model`, `Preprocess` and `Tokenizer` are the public names; they load their modules on
+first use, so `import clippy_ray` stays cheap for the command line and Ray workers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_HOMES = {"load": "api", "Model": "api", "Preprocess": "api", "Tokenizer": "tokenizer"}
+
+if TYPE_CHECKING:
+    from clippy_ray.api import Model, Preprocess, load
+    from clippy_ray.tokenizer import Tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"clippy_ray.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # tab completion in notebooks offers the public names
+    return sorted([*__all__, "__version__"])
+
+
+__all__ = ["Model", "Preprocess", "Tokenizer", "load"]

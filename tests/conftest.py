@@ -34,6 +34,24 @@ def tiny_config(*overrides: str) -> config.Config:
 
 
 @pytest.fixture(scope="session")
+def tiny_handoff(tmp_path_factory) -> str:
+    """A handoff folder of a randomly initialized tiny model (no training); treat it as read-only."""
+    import torch
+
+    from clippy_ray.model import build_model
+    from clippy_ray.model.handoff import export_handoff
+    from clippy_ray.tokenizer import build_tokenizer
+
+    cfg = tiny_config("eval.templates=simple")
+    tok = build_tokenizer(cfg.model.text)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tok.vocab_size)
+    folder = tmp_path_factory.mktemp("handoff") / "model"
+    export_handoff(model, model.state_dict(), cfg, tok, folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real moto S3 server; the environment points boto3 and pyarrow at it (fake credentials)."""
     from moto.server import ThreadedMotoServer

@@ -270,21 +270,6 @@ def test_shipped_class_files_have_the_papers_class_counts():
 
 
 @pytest.fixture(scope="module")
-def tiny_handoff(tmp_path_factory):
-    from clippy_ray.model import build_model
-    from clippy_ray.model.handoff import export_handoff
-    from clippy_ray.tokenizer import build_tokenizer
-
-    cfg = tiny_config("eval.templates=simple")
-    tok = build_tokenizer(cfg.model.text)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, tok.vocab_size)
-    folder = tmp_path_factory.mktemp("handoff") / "model"
-    export_handoff(model, model.state_dict(), cfg, tok, folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def eval_benchmark(tmp_path_factory, ray_local):
     from clippy_ray.data.benchmark import BenchmarkSpec
     from clippy_ray.data.commands import make_benchmark

@@ -31,6 +31,20 @@ def parse_labels(text: str) -> list[list[str]]:
 
 
 @torch.no_grad()
+def zero_shot_labels(
+    model, tokenizer, image: np.ndarray, labels: list[list[str]], templates: list[str], resolution: int
+) -> tuple[np.ndarray, torch.Tensor]:
+    """The label map a person would draw, and the dense features it came from: uint8 [H, W, 3] ->
+    (int64 [H, W], each pixel the index of the label its location matches best; fp32 [h, w, E] at
+    `resolution` on the short side). `clippy-ray segment` and `clippy_ray.Model.segment` share it."""
+    device = next(model.parameters()).device
+    batch = prepare(image, resolution, model.image.patch_size[0], crop=False)[None].to(device)
+    dense = dense_embeddings(model, batch)[0]  # [h, w, E]
+    classifier = text_classifier(model, tokenizer, labels, templates, device)  # [C, E]
+    return score_maps(dense, classifier, image.shape[:2]).argmax(0).cpu().numpy(), dense
+
+
+@torch.no_grad()
 def segment_image(
     checkpoint: str,
     image_uri: str,
@@ -42,14 +56,10 @@ def segment_image(
     use_gpu: bool | None = None,
 ) -> dict:
     """Write the picture to `out` (a local path or s3://); returns the label map and the groups."""
-    device = device_for(use_gpu)
-    model, cfg, tokenizer = load_model(checkpoint, device)
+    model, cfg, tokenizer = load_model(checkpoint, device_for(use_gpu))
     image = decode_rgb(storage.fetch(image_uri).read_bytes())
     res = resolution or 2 * cfg.model.image.img_size
-    batch = prepare(image, res, model.image.patch_size[0], crop=False)[None].to(device)
-    dense = dense_embeddings(model, batch)[0]  # [h, w, E]
-    classifier = text_classifier(model, tokenizer, labels, read_templates(templates), device)
-    pred = score_maps(dense, classifier, image.shape[:2]).argmax(0).cpu().numpy()
+    pred, dense = zero_shot_labels(model, tokenizer, image, labels, read_templates(templates), res)
     groups = upsample_nearest(pca_groups(dense, components), image.shape[:2])
     names = [syn[0] for syn in labels]
     colors = visualize.palette(len(names))

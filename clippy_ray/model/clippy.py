@@ -40,8 +40,8 @@ class CLIPpy(nn.Module):
         """[N, 3, H, W] -> L2-normalized per-location embeddings [N, H/p, W/p, E] (segmentation)."""
         return F.normalize(self.image.forward_dense(images), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[N, L] -> L2-normalized [N, E]."""
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, L] token ids (mask: every non-pad token unless given) -> L2-normalized [N, E]."""
         return F.normalize(self.text(input_ids, attention_mask), dim=-1)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):

@@ -59,10 +59,10 @@ def read_config(uri: str) -> dict:
 
 def load_handoff(uri: str) -> tuple[CLIPpy, config.Config, Tokenizer]:
     """A model ready for inference from a handoff folder, or a checkpoint holding one (local or
-    s3://). Weights keep the dtype they were trained in (bf16 or fp32)."""
-    folder = storage.fetch(uri)
-    if (folder / HANDOFF_DIR / WEIGHTS).exists():
-        folder = folder / HANDOFF_DIR
+    s3://). Weights keep the dtype they were trained in (bf16 or fp32). Of a checkpoint only its
+    handoff is downloaded, not the DeepSpeed shards beside it."""
+    nested = storage.join(uri, HANDOFF_DIR)
+    folder = storage.fetch(nested if storage.exists(storage.join(nested, WEIGHTS)) else uri)
     if not (folder / WEIGHTS).exists():
         raise InputError(f"{uri}: no {WEIGHTS} (expected a handoff folder or a checkpoint with {HANDOFF_DIR}/)")
     from transformers import AutoConfig

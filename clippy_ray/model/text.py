@@ -51,7 +51,16 @@ class TextTower(nn.Module):
     def vocab_size(self) -> int:
         return self.encoder.get_input_embeddings().num_embeddings
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[N, L] token ids and mask -> [N, E] (not normalized)."""
+    def padding_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[N, L] token ids -> [N, L] mask: 1 for every token but the encoder's pad id."""
+        pad = self.encoder.config.pad_token_id
+        if pad is None:
+            raise ValueError("the text encoder's config names no pad_token_id; pass attention_mask explicitly")
+        return (input_ids != pad).long()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, L] token ids and mask (default: `padding_mask`) -> [N, E] (not normalized)."""
+        if attention_mask is None:
+            attention_mask = self.padding_mask(input_ids)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.proj(mean_pool(hidden, attention_mask))
