@@ -83,9 +83,11 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_data_make_benchmark(args: argparse.Namespace) -> int:
+    from clippy_ray import storage
     from clippy_ray.data.benchmark import BenchmarkSpec
     from clippy_ray.data.commands import make_benchmark
 
+    storage.require_bucket(args.out, "--out")
     spec = BenchmarkSpec(
         seed=args.seed, image_size=args.image_size, image_format=args.format, spurious_p=args.spurious_p
     )
@@ -111,8 +113,11 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
+    from clippy_ray import storage
     from clippy_ray.data.commands import convert
 
+    storage.require(args.index, "--index")
+    storage.require_bucket(args.out, "--out")
     with _ray_session(args, None):
         report = convert(
             args.index, args.out, args.image_root, args.rows_per_shard, args.path_column, args.caption_column
@@ -127,7 +132,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from clippy_ray import config, storage
     from clippy_ray.model.handoff import HANDOFF_DIR
-    from clippy_ray.train.trainer import checkpoint_uri, dry_run, fit
+    from clippy_ray.train.trainer import check_inputs, checkpoint_uri, dry_run, fit
 
     cfg = config.load(args.config, args.overrides)
     if args.dry_run:
@@ -138,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             console.line(line)
         console.line("dry run: nothing was started")
         return 0
+    check_inputs(cfg, args.init_from, args.from_mode)  # before Ray starts (fit checks again, for library use)
     with _ray_session(args, storage.join(cfg.train.storage, cfg.train.run_name)) as console:
         console.line(
             f"config: {args.config or 'defaults'}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
@@ -155,8 +161,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from clippy_ray import storage
     from clippy_ray.eval import eval_config, run_eval, summary_line
+    from clippy_ray.eval.datasets import open_eval_set
+    from clippy_ray.eval.evaluator import check_settings
+    from clippy_ray.eval.runner import choose_tasks
+    from clippy_ray.model.handoff import find_handoff
 
+    find_handoff(args.checkpoint)  # the checkpoint, the data and the output are checked before Ray starts
+    if args.out:
+        storage.require_bucket(args.out, "--out")
     flags = {
         "tasks": args.tasks.split(",") if args.tasks else None,
         "workers": args.workers,
@@ -164,28 +178,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "max_rows": args.max_rows,
     }
     cfg = eval_config(args.checkpoint, args.overrides, {k: v for k, v in flags.items() if v is not None})
+    data = open_eval_set(args.data, args.format, cfg.rows_per_shard, cfg.max_rows, args.classes)
+    tasks_named = args.tasks is not None or any(o.split("=", 1)[0].strip() == "eval.tasks" for o in args.overrides)
+    choose_tasks(data, cfg.tasks, tasks_named)  # run_eval decides again; here before Ray starts
+    check_settings(cfg, data)
     with _ray_session(args, args.out) as console:
         report = run_eval(
             args.checkpoint,
-            args.data,
+            data,
             cfg,
             args.out,
-            args.format,
-            args.classes,
             log=console.line,
             progress=console.counter("eval", "shards"),
+            tasks_named=tasks_named,
         )
         console.line(summary_line(report["results"]))
     return 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from clippy_ray import storage
     from clippy_ray.eval.segment import parse_labels, segment_image
 
+    labels = parse_labels(args.labels)
+    storage.require_bucket(args.out, "--out")
     info = segment_image(
         args.checkpoint,
         args.image,
-        parse_labels(args.labels),
+        labels,
         args.out,
         args.resolution,
         args.components,
@@ -200,7 +220,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from clippy_ray import storage
     from clippy_ray.tune.grid import load_sweep
     from clippy_ray.tune.results import markdown_table
-    from clippy_ray.tune.sweep import run_sweep
+    from clippy_ray.tune.sweep import check_inputs, run_sweep
 
     sweep, trials = load_sweep(args.config, args.overrides)
     if args.dry_run:
@@ -212,6 +232,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             console.line(line)
         console.line("dry run: nothing was started")
         return 0
+    check_inputs(sweep, trials)
     with _ray_session(args, storage.join(sweep.storage, sweep.name)):
         rows = run_sweep(sweep, trials)
     print(markdown_table(sweep, rows), end="")
@@ -341,10 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
-    """A user error's message; a Ray task error carries the original exception as its cause."""
-    cause = getattr(err, "cause", None)
-    return str(cause if isinstance(cause, UserError) else err).strip()
+def _user_error(err: BaseException) -> UserError | None:
+    """The user error behind `err`: itself, the cause a Ray task error carries, or the first (by
+    rank) of a failed training run's worker errors (other ranks may fail on the collective it left)."""
+    if isinstance(getattr(err, "cause", None), UserError):
+        return err.cause
+    if isinstance(err, UserError):
+        return err
+    failures = getattr(err, "worker_failures", None) or {}
+    return next((failures[r] for r in sorted(failures) if isinstance(failures[r], UserError)), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,10 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except UserError as err:  # a person's mistake: one line. Anything else is a bug: its traceback.
-        print(f"clippy-ray: {_one_line(err)}", file=sys.stderr)
-        return 2
     except Exception as err:
+        user = _user_error(err)
+        if user is not None:  # a person's mistake: one line. Anything else is a bug: its traceback.
+            print(f"clippy-ray: {str(user).strip()}", file=sys.stderr)
+            return 2
         if type(err).__module__.startswith("ray.train"):  # a failed run: the workers' errors, then one line
             print(str(err).strip(), file=sys.stderr)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -380,8 +380,18 @@ def load(path: str | None = None, overrides: list[str] | None = None, cls: type 
     """YAML file (optional) + dotted overrides -> validated config."""
     data: dict = {}
     if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as err:
+            raise ConfigError(
+                [f"{path}: cannot read the config file ({err.strerror or err}); check the path"]
+            ) from None
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise ConfigError([f"{path}: not valid YAML{at}: {problem}"]) from None
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: top level must be a mapping"])
     return from_dict(merge(data, parse_overrides(overrides or [])), cls)

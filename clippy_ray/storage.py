@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,9 +81,53 @@ def _hint(uri: str) -> str:
     )
 
 
+_AWS_ERROR = re.compile(r"AWS Error (\w+) during (\w+) operation")
+_DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "UNKNOWN (HTTP status 403)")
+
+
+def _bucket(uri: str) -> str:
+    return uri[len("s3://") :].split("/", 1)[0]
+
+
+def missing(uri: str) -> str:
+    """Why nothing is at `uri`: no such file, no such bucket, or no such key or prefix in a bucket
+    that exists (pyarrow's own message for all three is the bare path)."""
+    if not is_s3(uri):
+        return "no such file or folder"
+    bucket = _bucket(uri)
+    try:
+        found = s3_filesystem(bucket=bucket).get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError:
+        found = True  # the bucket cannot be asked about; say what is known
+    if not found:
+        return f"no such bucket {bucket!r}"
+    return f"no such object or prefix (bucket {bucket!r} exists)"
+
+
+def not_found(uri: str, field: str | None = None, fix: str | None = None) -> StorageError:
+    """A StorageError for nothing at `uri`: `field=uri` (or the URI), why (`missing`), and `fix`
+    (default: check the bucket name and endpoint, or the path)."""
+    reason = missing(uri)
+    fix = fix or (
+        "check the bucket name and AWS_ENDPOINT_URL" if reason.startswith("no such bucket") else "check the path"
+    )
+    return StorageError(f"{f'{field}={uri}' if field else uri}: {reason}; {fix}")
+
+
 def describe(uri: str, err: Exception) -> StorageError:
-    """A StorageError naming `uri`, the first line of the reason, and what to check on S3."""
+    """A StorageError naming `uri` and the reason kept from `err`: missing (which part), access
+    denied, or the first line of pyarrow's message with what to check on S3."""
+    if isinstance(err, FileNotFoundError):  # pyarrow's message is only the path
+        return not_found(uri)
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    aws = _AWS_ERROR.search(first_line)
+    if any(code in first_line for code in _DENIED):
+        during = f" (AWS Error {aws.group(1)} during {aws.group(2)})" if aws else ""
+        return StorageError(
+            f"{uri}: access denied{during}; check that AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY may use it"
+        )
+    if aws and aws.group(1) == "NO_SUCH_BUCKET":
+        return not_found(uri)
     return StorageError(f"{uri}: {first_line}.{_hint(uri)}")
 
 
@@ -96,6 +141,37 @@ def info(uri: str) -> pafs.FileInfo:
 
 def exists(uri: str) -> bool:
     return info(uri).type != pafs.FileType.NotFound
+
+
+def require(uri: str, field: str | None = None, fix: str | None = None) -> pafs.FileInfo:
+    """`uri`'s FileInfo, or `not_found(uri, field, fix)`."""
+    fi = info(uri)
+    if fi.type == pafs.FileType.NotFound:
+        raise not_found(uri, field, fix)
+    return fi
+
+
+def require_bucket(uri: str, field: str) -> None:
+    """Where output goes: an s3:// URI's bucket exists (a local folder is made when written)."""
+    resolve(uri)  # a scheme other than a local path or s3://: one line
+    if is_s3(uri):
+        bucket = f"s3://{_bucket(uri)}"
+        if not exists(bucket):
+            raise StorageError(f"{field}={uri}: bucket {bucket} not found; create it or fix the URI")
+
+
+def list_files(uri: str, field: str | None = None) -> list[str]:
+    """The URIs of the files at `uri`: itself if it is a file, else every file under it (recursively),
+    sorted. Missing or unreadable: a StorageError naming `field=uri` with the reason."""
+    fi = require(uri, field)
+    if fi.type == pafs.FileType.File:
+        return [uri]
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as err:
+        raise describe(uri, err) from None
+    return sorted(join(uri, i.path[len(path) :].lstrip("/")) for i in infos if i.type == pafs.FileType.File)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -112,11 +188,9 @@ def fetch(uri: str) -> Path:
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         if not os.path.exists(path):
-            raise StorageError(f"{uri}: no such file or directory")
+            raise not_found(uri)
         return Path(path)
-    fi = info(uri)
-    if fi.type == pafs.FileType.NotFound:
-        raise StorageError(f"{uri}: no such object or prefix.{_hint(uri)}")
+    fi = require(uri)
     stamp = f"{uri}|{fi.size}|{fi.mtime_ns}|{fi.type}"
     key = hashlib.sha256(stamp.encode()).hexdigest()[:24]
     target = cache_dir() / key / os.path.basename(path)

@@ -52,7 +52,8 @@ def build_tokenizer(cfg: TextConfig) -> Tokenizer:
     # A bare T5 `spiece.model` folder says nothing about its class: it is T5's SentencePiece.
     loader = AutoTokenizer if described or not (folder / "spiece.model").exists() else T5Tokenizer
     try:
-        hf = loader.from_pretrained(str(folder), local_files_only=True)
+        extra = {"trust_remote_code": False} if loader is AutoTokenizer else {}  # never a folder's own code
+        hf = loader.from_pretrained(str(folder), local_files_only=True, **extra)
     except (OSError, ValueError) as err:
         raise InputError(
             f"model.text.tokenizer={cfg.tokenizer!r}: not a tokenizer folder ({err}); "

@@ -323,6 +323,25 @@ def test_eval_refuses_a_task_the_data_cannot_serve_with_one_line(tiny_handoff, t
     assert "eval.tasks: 'segm' is not one of cls, seg, unsup, robust" in capsys.readouterr().err
 
 
+def test_eval_without_tasks_runs_the_ones_the_data_supports_and_names_the_skipped(
+    tiny_handoff, eval_benchmark, tmp_path, capsys
+):
+    from clippy_ray.cli import main
+    from clippy_ray.eval.datasets import benchmark_class_names
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(",".join(names) for names in benchmark_class_names()) + "\n")
+    out = tmp_path / "out"
+    args = ["eval", "--checkpoint", tiny_handoff, "--data", f"{eval_benchmark}/val", "--classes", str(classes)]
+    assert main([*args, "--out", str(out), "--max-rows", "8", "eval.workers=1", "eval.examples=0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    skipped = "robust (parquet data has no matched/swapped background splits"
+    assert any(line.startswith(f"[clippy-ray] eval: skipped {skipped}") for line in lines), lines
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["results"]) == ["cls", "seg", "unsup"] and list(report["meta"]["skipped"]) == ["robust"]
+    assert f"- skipped: {skipped}" in (out / "results.md").read_text()
+
+
 def test_segment_writes_a_picture_of_the_expected_size_for_a_real_photo(tiny_handoff, tmp_path, capsys):
     import skimage.data
 

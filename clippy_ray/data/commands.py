@@ -97,6 +97,9 @@ def _parquet_dataset(uri: str) -> pads.Dataset:
     fs, path = storage.resolve(uri)
     try:
         return pads.dataset(path, filesystem=fs, format="parquet")
+    except pa.ArrowInvalid as err:  # the last clause of Arrow's chain says why
+        reason = str(err).strip().splitlines()[0].rsplit(": ", 1)[-1]
+        raise InputError(f"{uri}: not parquet ({reason}); give a parquet file or a folder of them") from None
     except (OSError, FileNotFoundError) as err:
         raise storage.describe(uri, err) from None
 

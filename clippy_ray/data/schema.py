@@ -8,7 +8,9 @@ configurable). Optional: key, mask (PNG label map), instance_mask, labels, backg
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from clippy_ray import storage
 from clippy_ray.errors import UserError
 
 
@@ -64,3 +66,29 @@ def image_bytes(value) -> bytes | None:
     if value is None or len(value) == 0:
         return None
     return bytes(value)
+
+
+def check_dataset(uri: str, field: str, image_column: str, caption_column: str) -> None:
+    """Driver side, before any Ray work: `uri` (a parquet file or a folder / prefix of them) is
+    there, holds .parquet files, the first of which is parquet (its footer is read) with usable
+    image and caption columns. One line names `field=uri` and what is wrong."""
+    files = storage.list_files(uri, field)
+    parquet = [f for f in files if f.endswith(".parquet")] if len(files) != 1 or files[0] != uri else files
+    if not parquet:
+        seen = f" (found {len(files)} other files, e.g. {files[0].rsplit('/', 1)[-1]})" if files else " (it is empty)"
+        raise DataSchemaError(
+            f"{field}={uri}: no .parquet files there{seen}; point {field} at a parquet file or a folder of them"
+        )
+    fs, path = storage.resolve(parquet[0])
+    try:
+        with fs.open_input_file(path) as handle:
+            schema = pq.read_schema(handle)
+    except pa.ArrowInvalid as err:
+        reason = str(err).strip().splitlines()[0]
+        raise DataSchemaError(
+            f"{field}={uri}: {parquet[0]} is not a parquet file ({reason}); convert it with "
+            "`clippy-ray data convert` or remove it"
+        ) from None
+    except OSError as err:
+        raise storage.describe(parquet[0], err) from None
+    check_columns(schema, uri, image_column, caption_column)

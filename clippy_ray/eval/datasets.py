@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 import numpy as np
-import pyarrow.fs as pafs
+import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from clippy_ray import storage
 from clippy_ray.data import benchmark
 from clippy_ray.data.schema import image_bytes
 from clippy_ray.data.transforms import open_rgb
-from clippy_ray.errors import UserError
+from clippy_ray.errors import InputError, UserError
 from clippy_ray.eval.metrics import IGNORE
 
 FORMATS = ("benchmark", "voc", "ade20k", "waterbirds", "parquet")
@@ -132,17 +132,7 @@ def benchmark_class_names() -> list[list[str]]:
 
 def _list(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """URIs of the files under `uri` (recursively) ending in one of `suffixes`, sorted."""
-    fs, path = storage.resolve(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except (OSError, FileNotFoundError) as err:
-        raise storage.describe(uri, err) from None
-    rel = sorted(
-        i.path[len(path) :].lstrip("/")
-        for i in infos
-        if i.type == pafs.FileType.File and i.path.lower().endswith(suffixes)
-    )
-    return [storage.join(uri, r) for r in rel]
+    return [f for f in storage.list_files(uri) if f.lower().endswith(suffixes)]
 
 
 def _read_bytes(uri: str) -> bytes:
@@ -162,8 +152,15 @@ def _parquet_shards(uri: str, fmt: str, rows_per_shard: int, max_rows: int | Non
     shards, taken = [], 0
     for f in files:
         fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as handle:
-            n = pq.ParquetFile(handle).metadata.num_rows
+        try:
+            with fs.open_input_file(path) as handle:
+                n = pq.ParquetFile(handle).metadata.num_rows
+        except pa.ArrowInvalid as err:
+            raise EvalDataError(
+                f"--data={uri}: {f} is not a parquet file ({str(err).strip().splitlines()[0]})"
+            ) from None
+        except OSError as err:
+            raise storage.describe(f, err) from None
         for start in range(0, n, rows_per_shard):
             stop = min(n, start + rows_per_shard)
             if max_rows is not None:
@@ -210,6 +207,7 @@ def open_eval_set(
 ) -> EvalSet:
     """List a dataset into shards. `fmt` one of FORMATS or auto (detected from the layout);
     `classes` names the class file for plain parquet (or overrides a format's own)."""
+    storage.require(uri, "--data")
     fmt = detect_format(uri) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise EvalDataError(f"--format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
@@ -351,6 +349,19 @@ def _open_waterbirds(uri: str, classes: str | None, rows_per_shard: int, max_row
 
 def decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(open_rgb(data))
+
+
+def read_image(uri: str) -> np.ndarray:
+    """The RGB image at `uri` (local or s3://) as uint8 [H, W, 3]; a file PIL cannot decode is an
+    InputError naming it."""
+    data = storage.fetch(uri).read_bytes()
+    try:
+        return decode_rgb(data)
+    except UnidentifiedImageError:  # its message names an in-memory buffer, not the file
+        raise InputError(f"{uri}: not an image (no format PIL knows); give a JPEG or PNG file") from None
+    except (OSError, SyntaxError, ValueError) as err:  # what PIL's decoders raise on a damaged file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{uri}: not a readable image ({reason}); give a JPEG or PNG file") from None
 
 
 def decode_labels(data: bytes) -> np.ndarray:

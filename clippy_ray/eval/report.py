@@ -36,6 +36,7 @@ def markdown(results: dict, meta: dict) -> str:
         f"- segmentation resolution: {meta['resolution']} px (short side), background: {meta['background']}, "
         f"PCA components: {meta['pca_components']}",
         f"- workers: {meta['workers']}, wall time: {meta['seconds']:.1f} s",
+        *[f"- skipped: {task} ({why})" for task, why in meta.get("skipped", {}).items()],
         "",
         "| task | metric | value | rows |",
         "|---|---|---|---|",

@@ -101,25 +101,43 @@ def _run_jobs(actors: list, jobs: list[Job], progress: Callable[[int, int], None
     return [parts[i] for i in range(len(jobs))]
 
 
+def choose_tasks(data: EvalSet, tasks: tuple[str, ...], named: bool) -> tuple[list[str], dict[str, str]]:
+    """(the tasks to run, {skipped task: why}): `tasks` the data can serve. When the user `named`
+    them, one it cannot serve is an error, and so is none left to run."""
+    tasks = list(dict.fromkeys(tasks))
+    why = data.tasks_supported()
+    skipped = {t: why[t] for t in tasks if why[t]}
+    runnable = [t for t in tasks if t not in skipped]
+    if skipped and (named or not runnable):
+        blocked = "; ".join(f"{t}: {w}" for t, w in skipped.items())
+        raise EvalDataError(f"cannot run {blocked} (choose --tasks from the ones the data supports)")
+    return runnable, skipped
+
+
 def run_eval(
     checkpoint: str,
-    data_uri: str,
+    data_uri: str | EvalSet,
     cfg: EvalConfig,
     out: str | None = None,
     fmt: str = "auto",
     classes: str | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
+    tasks_named: bool = False,
 ) -> dict:
-    """Evaluate a handoff checkpoint on a dataset; returns (and writes under `out`) the results.
-    `log` gets one line per event; `progress(done, total)` is called as shards finish."""
+    """Evaluate a handoff checkpoint on a dataset (a URI, or one `open_eval_set` listed already);
+    returns (and writes under `out`) the results. Tasks the data cannot serve are skipped with a
+    note, or, when `tasks_named` (the user chose cfg.tasks), refused. `log` gets one line per event;
+    `progress(done, total)` is called as shards finish."""
     start = time.time()
-    data = open_eval_set(data_uri, fmt, cfg.rows_per_shard, cfg.max_rows, classes)
-    tasks = list(dict.fromkeys(cfg.tasks))
-    why = data.tasks_supported()
-    blocked = [f"{t}: {why[t]}" for t in tasks if why[t]]
-    if blocked:
-        raise EvalDataError("cannot run " + "; ".join(blocked) + " (choose --tasks from the ones the data supports)")
+    data = (
+        data_uri
+        if isinstance(data_uri, EvalSet)
+        else open_eval_set(data_uri, fmt, cfg.rows_per_shard, cfg.max_rows, classes)
+    )
+    tasks, skipped = choose_tasks(data, cfg.tasks, tasks_named)
+    if skipped:
+        log("eval: skipped " + "; ".join(f"{t} ({w})" for t, w in skipped.items()))
     settings = check_settings(cfg, data)
     jobs = plan(data, tasks)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -134,9 +152,10 @@ def run_eval(
     results = reduce_results(data, jobs, _run_jobs(actors, jobs, progress))
     meta = {
         "checkpoint": checkpoint,
-        "data": data_uri,
+        "data": data.uri,
         "format": data.fmt,
         "tasks": tasks,
+        "skipped": skipped,
         "resolution": resolution,
         **settings,
         "workers": workers,

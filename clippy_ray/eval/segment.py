@@ -7,8 +7,9 @@ import numpy as np
 import torch
 
 from clippy_ray import storage
+from clippy_ray.errors import InputError
 from clippy_ray.eval import visualize
-from clippy_ray.eval.datasets import decode_rgb, read_templates
+from clippy_ray.eval.datasets import read_image, read_templates
 from clippy_ray.eval.evaluator import (
     dense_embeddings,
     device_for,
@@ -26,7 +27,7 @@ def parse_labels(text: str) -> list[list[str]]:
     labels = [[s.strip() for s in item.split("|") if s.strip()] for item in text.split(",")]
     labels = [syn for syn in labels if syn]
     if len(labels) < 2:
-        raise ValueError(f'--labels {text!r}: give at least two comma-separated labels, e.g. "cat,dog,grass"')
+        raise InputError(f'--labels {text!r}: give at least two comma-separated labels, e.g. "cat,dog,grass"')
     return labels
 
 
@@ -57,7 +58,7 @@ def segment_image(
 ) -> dict:
     """Write the picture to `out` (a local path or s3://); returns the label map and the groups."""
     model, cfg, tokenizer = load_model(checkpoint, device_for(use_gpu))
-    image = decode_rgb(storage.fetch(image_uri).read_bytes())
+    image = read_image(image_uri)
     res = resolution or 2 * cfg.model.image.img_size
     pred, dense = zero_shot_labels(model, tokenizer, image, labels, read_templates(templates), res)
     groups = upsample_nearest(pca_groups(dense, components), image.shape[:2])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from clippy_ray import config, storage
+from clippy_ray import config, safeload, storage
 from clippy_ray.errors import InputError
 from clippy_ray.model.clippy import CLIPpy, build_model
 from clippy_ray.model.pretrained import load_strict
@@ -25,6 +25,7 @@ from clippy_ray.tokenizer import Tokenizer, build_tokenizer
 HANDOFF_DIR = "model"  # the handoff folder's name inside a training checkpoint
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
+_FIX = "give a handoff clippy-ray wrote (model.safetensors beside config.yaml), e.g. <run>/step_XXXXXXXX/model"
 
 
 def export_handoff(
@@ -47,33 +48,73 @@ def export_handoff(
     tokenizer.save(folder / "tokenizer")
 
 
+def find_handoff(uri: str, field: str = "--checkpoint") -> str:
+    """The URI of the handoff folder at `uri` (the folder itself, or a training checkpoint holding
+    one in model/), its safetensors header checked; reads no weights. Anything else is a one-line
+    error naming `field=uri` and what to give instead."""
+    storage.require(uri, field)
+    for folder in (storage.join(uri, HANDOFF_DIR), uri):
+        weights = storage.join(folder, WEIGHTS)
+        if storage.exists(weights):
+            safeload.check_safetensors(weights, _FIX)
+            if not storage.exists(storage.join(folder, CONFIG)):
+                raise InputError(f"{field}={uri}: no {CONFIG} beside {weights}; {_FIX}")
+            return folder
+    raise InputError(
+        f"{field}={uri}: no {WEIGHTS} there or in {HANDOFF_DIR}/; give a training checkpoint "
+        f"(<run>/step_XXXXXXXX) or its {HANDOFF_DIR}/ folder"
+    )
+
+
+def load_weights(model: CLIPpy, uri: str, field: str = "--from") -> None:
+    """Copy the weights of the handoff at `uri` (or a checkpoint holding one) into `model`, which
+    must have the same architecture (strict). Reads model.safetensors only: nothing in it runs."""
+    weights = storage.join(find_handoff(uri, field), WEIGHTS)
+    load_strict(model, safeload.load_safetensors(storage.fetch(weights), weights, _FIX), weights)
+
+
+def _read_yaml(path: Path, uri: str) -> dict:
+    """A YAML mapping read with yaml.safe_load (no Python tags, so nothing in it runs)."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise InputError(f"{uri}: not a YAML config clippy-ray wrote ({reason}); {_FIX}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{uri}: not a YAML mapping; {_FIX}")
+    return data
+
+
 def read_config(uri: str) -> dict:
     """The resolved config (as plain YAML data) saved with a handoff folder or a checkpoint holding
     one (local or s3://); {} when there is none. Reads only that file."""
     for name in (f"{HANDOFF_DIR}/{CONFIG}", CONFIG):
         path = storage.join(uri, name)
         if storage.exists(path):
-            return yaml.safe_load(storage.fetch(path).read_text()) or {}
+            return _read_yaml(storage.fetch(path), path)
     return {}
 
 
 def load_handoff(uri: str) -> tuple[CLIPpy, config.Config, Tokenizer]:
     """A model ready for inference from a handoff folder, or a checkpoint holding one (local or
     s3://). Weights keep the dtype they were trained in (bf16 or fp32). Of a checkpoint only its
-    handoff is downloaded, not the DeepSpeed shards beside it."""
-    nested = storage.join(uri, HANDOFF_DIR)
-    folder = storage.fetch(nested if storage.exists(storage.join(nested, WEIGHTS)) else uri)
-    if not (folder / WEIGHTS).exists():
-        raise InputError(f"{uri}: no {WEIGHTS} (expected a handoff folder or a checkpoint with {HANDOFF_DIR}/)")
+    handoff is downloaded, not the DeepSpeed shards beside it. Nothing in the folder runs: a
+    missing, corrupt or foreign file is a one-line InputError naming it."""
     from transformers import AutoConfig
 
-    cfg = config.from_dict(yaml.safe_load((folder / CONFIG).read_text()))
+    handoff = find_handoff(uri)  # checked before anything is downloaded
+    folder = storage.fetch(handoff)
+    cfg = config.from_dict(_read_yaml(folder / CONFIG, storage.join(handoff, CONFIG)))
     cfg.model.text.tokenizer = str(folder / "tokenizer")
     tokenizer = build_tokenizer(cfg.model.text)
-    encoder_config = AutoConfig.from_pretrained(str(folder / "text_encoder"))
+    try:  # a config.json only: transformers refuses a folder's own code (auto_map) when not trusted
+        encoder_config = AutoConfig.from_pretrained(str(folder / "text_encoder"), trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise InputError(f"{storage.join(handoff, 'text_encoder')}: not an encoder config ({reason}); {_FIX}") from None
     # The saved weights replace everything, so nothing the config names as pretrained is loaded.
     model = build_model(cfg.model, tokenizer.vocab_size, load_pretrained=False, encoder_config=encoder_config)
-    state = load_file(str(folder / WEIGHTS))
+    state = safeload.load_safetensors(folder / WEIGHTS, storage.join(handoff, WEIGHTS), _FIX)
     dtype = next(iter(state.values())).dtype
     model.to(dtype)
     load_strict(model, state, uri)

@@ -7,12 +7,13 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from clippy_ray import storage
+from clippy_ray import safeload, storage
 from clippy_ray.errors import UserError
 from clippy_ray.model.text import T5_ENCODERS, encoder_from_config
 
@@ -20,20 +21,71 @@ from clippy_ray.model.text import T5_ENCODERS, encoder_from_config
 _WRAPPERS = ("state_dict", "model", "teacher", "module")
 _IMAGE_PREFIXES = ("module.", "backbone.", "encoder.")
 _MAX_LISTED = 12
+_FIX = "give the weights as .safetensors, or as a state dict of tensors saved with torch.save(model.state_dict())"
 
 
 class PretrainedError(UserError, ValueError):
     """A checkpoint that does not fit the model, with the keys that disagree."""
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a local .safetensors or torch.save file, read without running code from it;
+    `source` (the URI it came from) names it in errors."""
     path = Path(path)
+    source = source or str(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        return safeload.load_safetensors(path, source, _FIX)
+    obj = safeload.torch_load(path, source, _FIX)
     if not isinstance(obj, dict):
-        raise PretrainedError(f"{path}: expected a state dict, got {type(obj).__name__}")
+        raise PretrainedError(f"{source}: expected a state dict, got {type(obj).__name__}; {_FIX}")
     return obj
+
+
+def _check_weights_file(uri: str) -> None:
+    """Driver side: a weights file reads as tensors only (its header or pickle records, not its data)."""
+    if uri.endswith(".safetensors"):
+        safeload.check_safetensors(uri, _FIX)
+    else:
+        safeload.check_torch_file(uri, _FIX)
+
+
+def check_pretrained(field: str, uri: str) -> None:
+    """Driver side, before any Ray work: the pretrained weights `field` names are there and read as
+    tensors only. Image (`model.image.pretrained`): one file. Text: an HF folder with config.json
+    and its weights (every shard an index lists)."""
+    label = f"{field}={uri}"
+    kind = storage.require(uri, field).type
+    if field == "model.image.pretrained":
+        if kind != pafs.FileType.File:
+            raise PretrainedError(f"{label}: expected a checkpoint file (.pth or .safetensors), got a folder")
+        _check_weights_file(uri)
+        return
+    if not storage.exists(storage.join(uri, "config.json")):
+        raise PretrainedError(f"{label}: expected an HF model folder with config.json")
+    try:
+        hf_config = json.loads(storage.fetch(storage.join(uri, "config.json")).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PretrainedError(f"{label}: config.json is not JSON ({err})") from None
+    if not isinstance(hf_config, dict) or "auto_map" in hf_config:
+        raise PretrainedError(
+            f"{label}: config.json names the folder's own Python code (auto_map), and clippy-ray never runs code "
+            "from a model folder; use a folder of a model type transformers ships (e.g. T5, BERT)"
+        )
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = storage.join(uri, index_name)
+        if storage.exists(index):
+            try:
+                shards = sorted(set(json.loads(storage.fetch(index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise PretrainedError(f"{index}: not a shard index with a weight_map ({err!r})") from None
+            for shard in shards:
+                _check_weights_file(storage.join(uri, shard))
+            return
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if storage.exists(storage.join(uri, name)):
+            _check_weights_file(storage.join(uri, name))
+            return
+    raise PretrainedError(f"{label}: no model.safetensors or pytorch_model.bin in the folder")
 
 
 def _listing(title: str, keys: Iterable[str]) -> str:
@@ -93,7 +145,7 @@ def load_image_backbone(vit: nn.Module, uri: str) -> None:
     path = storage.fetch(uri)
     if path.is_dir():
         raise PretrainedError(f"{uri}: expected a checkpoint file (.pth or .safetensors), got a folder")
-    state = _unwrap(read_state_dict(path))
+    state = _unwrap(read_state_dict(path, uri))
     state = {k: v for k, v in state.items() if not k.startswith("head.") and k != "head"}
     for prefix in _IMAGE_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
@@ -105,21 +157,18 @@ def load_image_backbone(vit: nn.Module, uri: str) -> None:
     load_strict(vit, state, uri)
 
 
-def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    for index_name, reader in (
-        ("model.safetensors.index.json", load_file),
-        ("pytorch_model.bin.index.json", read_state_dict),
-    ):
+def _read_hf_weights(folder: Path, uri: str) -> dict[str, torch.Tensor]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
             state: dict = {}
             for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state.update(reader(str(folder / shard)))
+                state.update(read_state_dict(folder / shard, storage.join(uri, shard)))
             return state
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).exists():
-            return read_state_dict(folder / name)
-    raise PretrainedError(f"{folder}: no model.safetensors or pytorch_model.bin in the folder")
+            return read_state_dict(folder / name, storage.join(uri, name))
+    raise PretrainedError(f"{uri}: no model.safetensors or pytorch_model.bin in the folder")
 
 
 def load_text_encoder(uri: str, overrides: dict | None = None) -> PreTrainedModel:
@@ -128,9 +177,12 @@ def load_text_encoder(uri: str, overrides: dict | None = None) -> PreTrainedMode
     folder = storage.fetch(uri)
     if not (folder / "config.json").exists():
         raise PretrainedError(f"{uri}: expected an HF model folder with config.json")
-    config = AutoConfig.from_pretrained(str(folder), **(overrides or {}))
+    try:  # never the folder's own Python code (auto_map): transformers refuses it here
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False, **(overrides or {}))
+    except (OSError, ValueError) as err:
+        raise PretrainedError(f"{uri}: not a usable HF model config ({str(err).strip().splitlines()[0]})") from None
     encoder = encoder_from_config(config)
-    state = _read_hf_weights(folder)
+    state = _read_hf_weights(folder, uri)
     prefix = f"{encoder.base_model_prefix}."
     state = {k.removeprefix(prefix): v for k, v in state.items()}
     if config.model_type in T5_ENCODERS:

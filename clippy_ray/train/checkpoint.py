@@ -1,14 +1,37 @@
 """The DeepSpeed side of a training checkpoint: the shards that resume uses live in
 `<checkpoint>/ds/`; the handoff model beside them (`<checkpoint>/model/`) is written with
-`clippy_ray.model.handoff`."""
+`clippy_ray.model.handoff`.
+
+The shards are pickles. They are read without running code: `torch.load(weights_only=True)` with
+exactly the DeepSpeed classes its own checkpoints hold (`DEEPSPEED_GLOBALS`), through DeepSpeed's
+checkpoint engine (`load_shards`), and checked on the driver before a run starts (`check_init`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
 
 import torch
 
+from clippy_ray import safeload, storage
+from clippy_ray.errors import InputError
+from clippy_ray.model.handoff import find_handoff
+
 DEEPSPEED_TAG = "ds"
+# The non-tensor objects in the shards ZeRO 0-3 write in fp32 and bf16 (AdamW and LAMB), found
+# with torch.serialization.get_unsafe_globals_in_checkpoint: the optimizer shards' loss scaler,
+# ZeRO stage and parameter fragment addresses. Nothing else is ever built from a shard.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+_FIX = (
+    "resume only from checkpoints this run wrote; to start from someone else's checkpoint use "
+    "--from-mode weights, which reads model/model.safetensors only"
+)
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
@@ -26,3 +49,54 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     )
     with gathered:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+
+
+def _deepspeed_classes() -> list[type]:
+    out = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+def load_shards(engine, folder: str, source: str) -> dict | None:
+    """Restore weights, optimizer and schedule from the shards in `folder/ds/` (local); returns the
+    client state saved with them (None when there are none). `source` (the checkpoint's URI) names
+    a shard that holds pickled code or is unreadable, in a one-line error; nothing in it runs."""
+    allowed = _deepspeed_classes()
+    reader = engine.checkpoint_engine
+
+    def safe_load(path: str, map_location=None):
+        name = os.path.relpath(path, folder)
+        return safeload.torch_load(path, storage.join(source, name), _FIX, allowed, map_location)
+
+    # Every shard DeepSpeed reads here goes through its checkpoint engine's `load` (model states,
+    # ZeRO optimizer partitions). Optimizer states are always loaded: DeepSpeed's module-only ZeRO-3
+    # path and universal checkpoints call torch.load(weights_only=False) themselves.
+    reader.load = safe_load  # shadows TorchCheckpointEngine.load for this engine only
+    try:
+        _, client = engine.load_checkpoint(
+            folder, tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    finally:
+        del reader.load
+    return client
+
+
+def check_init(uri: str, mode: str) -> None:
+    """Driver side, before any Ray work: `--from URI` can seed a run in `mode`. weights: a handoff
+    with a safetensors file (no DeepSpeed shard is read); full: DeepSpeed shards that name nothing
+    beyond DEEPSPEED_GLOBALS (their pickle records are read, not their tensors)."""
+    storage.require(uri, "--from")
+    if mode == "weights":
+        find_handoff(uri, "--from")
+        return
+    shards = storage.join(uri, DEEPSPEED_TAG)
+    files = [f for f in storage.list_files(shards) if f.endswith(".pt")] if storage.exists(shards) else []
+    if not any(f.endswith("model_states.pt") for f in files):
+        raise InputError(
+            f"--from={uri}: no DeepSpeed shards in {DEEPSPEED_TAG}/ (*model_states.pt); --from-mode full needs "
+            "a training checkpoint (<run>/step_XXXXXXXX); for a handoff folder use --from-mode weights"
+        )
+    for f in files:
+        safeload.check_torch_file(f, _FIX, DEEPSPEED_GLOBALS)

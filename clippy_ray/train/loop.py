@@ -18,9 +18,9 @@ from clippy_ray.data.pipeline import BatchStream
 from clippy_ray.data.transforms import normalize
 from clippy_ray.loss import ContrastiveLoss, gather_with_grad
 from clippy_ray.model import build_model
-from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff
+from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff, load_weights
 from clippy_ray.tokenizer import build_tokenizer
-from clippy_ray.train.checkpoint import DEEPSPEED_TAG, full_state_dict
+from clippy_ray.train.checkpoint import DEEPSPEED_TAG, full_state_dict, load_shards
 from clippy_ray.train.engine import build_engine
 from clippy_ray.train.progress import Progress
 
@@ -125,19 +125,11 @@ def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokeni
         )
 
 
-def restore(engine, checkpoint_dir: str, weights_only: bool) -> TrainState:
-    """Resume from a checkpoint folder: full state (weights, optimizer, schedule, data position),
-    or the weights alone (a new run from a given checkpoint)."""
-    _, client = engine.load_checkpoint(
-        checkpoint_dir,
-        tag=DEEPSPEED_TAG,
-        load_optimizer_states=not weights_only,
-        load_lr_scheduler_states=not weights_only,
-        load_module_only=weights_only,
-    )
-    if weights_only or client is None:
-        return TrainState()
-    return TrainState(**client["train_state"])
+def restore(engine, checkpoint_dir: str, source: str) -> TrainState:
+    """Resume the full state (weights, optimizer, schedule, data position) from a checkpoint folder's
+    DeepSpeed shards, read without running pickled code; `source` (its URI) names a bad shard."""
+    client = load_shards(engine, checkpoint_dir, source)
+    return TrainState(**client["train_state"]) if client else TrainState()
 
 
 def train_loop(loop_config: dict) -> None:
@@ -157,22 +149,22 @@ def train_loop(loop_config: dict) -> None:
     cfg.loss.matmul_dtype = str(loss_dtype).removeprefix("torch.")
     tokenizer = build_tokenizer(cfg.model.text)
     model = build_model(cfg.model, tokenizer.vocab_size)
+    checkpoint, init_from = ray.train.get_checkpoint(), loop_config.get("init_from")
+    from_weights = checkpoint is None and init_from and loop_config.get("init_mode", "weights") == "weights"
+    if from_weights:  # the handoff's safetensors, before DeepSpeed copies the weights; no shard is read
+        load_weights(model, init_from)
     engine = build_engine(model, cfg.train)
     dtype = choice.dtype
     loss_fn = ContrastiveLoss(loss_dtype, cfg.loss.chunk_size)
 
-    # Restore: this run's latest checkpoint, else the one given with --from
+    # Restore: this run's latest checkpoint, else the full state of the one given with --from
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        source = f"s3://{checkpoint.path}" if storage.is_s3(cfg.train.storage) else checkpoint.path
         with checkpoint.as_directory() as folder:
-            state = restore(engine, folder, weights_only=False)
-    elif loop_config.get("init_from"):
-        state = restore(
-            engine,
-            str(storage.fetch(loop_config["init_from"])),
-            weights_only=loop_config.get("init_mode", "weights") == "weights",
-        )
+            state = restore(engine, folder, source)
+    elif init_from and not from_weights:
+        state = restore(engine, str(storage.fetch(init_from)), init_from)
     if state.step >= cfg.train.steps:
         return
 

@@ -9,7 +9,10 @@ import os
 from clippy_ray import config, storage
 from clippy_ray.console import EventQueue
 from clippy_ray.data.pipeline import build_dataset
+from clippy_ray.data.schema import check_dataset
 from clippy_ray.errors import InputError
+from clippy_ray.model.pretrained import check_pretrained
+from clippy_ray.train.checkpoint import check_init
 
 
 def run_storage(uri: str) -> tuple[str, object | None]:
@@ -61,25 +64,52 @@ def check_weights(cfg: config.Config) -> list[str]:
     )
     lines = []
     for name, uri in weights:
-        if uri and not storage.exists(uri):
-            raise storage.StorageError(f"{name}={uri}: no such file or folder; upload the weights there or fix the URI")
-        if uri:
-            lines.append(f"weights: {name} = {uri} (found)")
+        if not uri:
+            continue
+        storage.require(uri, name, "upload the weights there or fix the URI")
+        if name != "model.text.tokenizer":
+            check_pretrained(name, uri)  # tensors only: header or pickle records, not the weights
+        lines.append(f"weights: {name} = {uri} (found)")
     return lines
+
+
+def check_data(cfg: config.Config) -> None:
+    """data.train (required) and data.val: parquet with the configured image and caption columns."""
+    if not cfg.data.train:
+        raise config.ConfigError(
+            ["data.train: not set; give the training parquet URI (data.train=s3://... or a folder)"]
+        )
+    for field, uri in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if uri:
+            check_dataset(uri, field, cfg.data.image_column, cfg.data.caption_column)
+
+
+def check_storage(cfg: config.Config) -> None:
+    """train.storage is a local folder (created when needed) or an s3:// bucket that exists."""
+    storage.require_bucket(cfg.train.storage, "train.storage")
+
+
+def check_inputs(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights") -> None:
+    """On the driver, before any Ray work: the data, the pretrained weights, the storage bucket and
+    `init_from` are there, in the right format, and read as tensors only. The first problem is a
+    one-line UserError naming the key or flag, the URI, the reason and the fix."""
+    if init_mode not in ("weights", "full"):
+        raise InputError(f"--from-mode {init_mode!r}: use weights or full")
+    check_data(cfg)
+    check_weights(cfg)
+    check_storage(cfg)
+    if init_from:
+        check_init(init_from, init_mode)
 
 
 def dry_run(cfg: config.Config) -> list[str]:
     """The plan of a run without starting it, after checking that its data, weights and storage are
     reachable (a StorageError names the first that is not): what a cluster user reads before paying."""
+    check_data(cfg)
     lines = describe(cfg) + check_weights(cfg)  # describe reads the parquet footers: the data is readable
+    check_storage(cfg)
     t = cfg.train
     root = storage.join(t.storage, t.run_name)
-    if storage.is_s3(root):
-        bucket = "s3://" + root[len("s3://") :].split("/", 1)[0]
-        if not storage.exists(bucket):
-            raise storage.StorageError(
-                f"train.storage={t.storage}: bucket {bucket} not found; create it or fix the URI"
-            )
     resumes = storage.exists(storage.join(root, "config.yaml"))
     lines.append(
         f"run folder: {root} ({'exists: the run resumes from its latest checkpoint' if resumes else 'new run'})"
@@ -108,12 +138,7 @@ def fit(
 
     from clippy_ray.train.loop import train_loop
 
-    if not cfg.data.train:
-        raise config.ConfigError(
-            ["data.train: not set; give the training parquet URI (data.train=s3://... or a folder)"]
-        )
-    if init_mode not in ("weights", "full"):
-        raise InputError(f"--from-mode {init_mode!r}: use weights or full")
+    check_inputs(cfg, init_from, init_mode)
     image_size = cfg.model.image.img_size
     datasets = {"train": build_dataset(cfg.data.train, cfg.data, cfg.model.text, image_size, train=True)}
     if cfg.data.val:

@@ -83,6 +83,24 @@ def _scheduler(sweep: SweepConfig, max_steps: int):
     )
 
 
+def check_inputs(sweep: SweepConfig, trials: list[config.Config]) -> None:
+    """On the driver, before any Ray work, what the trials will read, as `train` checks it: every
+    trial's data (each distinct dataset once), weights (the inits the grid names, read as tensors
+    only) and storage bucket, and the evaluation data. The first problem is one line."""
+    from clippy_ray.train.trainer import check_data, check_storage, check_weights
+
+    datasets = set()
+    for trial in trials:
+        d = trial.data
+        if (d.train, d.val, d.image_column, d.caption_column) not in datasets:
+            datasets.add((d.train, d.val, d.image_column, d.caption_column))
+            check_data(trial)
+        check_weights(trial)
+    check_storage(trials[0])
+    if sweep.eval_data:
+        storage.require(sweep.eval_data, "eval_data", "upload the evaluation data or fix the URI")
+
+
 def dry_run(sweep: SweepConfig, trials: list[config.Config]) -> list[str]:
     """The sweep's plan (the first trial's run plan, then one line per trial) after checking its
     data, every trial's weights and the evaluation data are reachable; nothing is started."""
