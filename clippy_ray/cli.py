@@ -176,6 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "resolution": args.resolution,
         "max_rows": args.max_rows,
+        "use_gpu": args.gpu or None,
     }
     cfg = eval_config(args.checkpoint, args.overrides, {k: v for k, v in flags.items() if v is not None})
     data = open_eval_set(args.data, args.format, cfg.rows_per_shard, cfg.max_rows, args.classes)
@@ -333,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="auto, benchmark, voc, ade20k, waterbirds or parquet")
     p.add_argument("--classes", help="class names file (shipped: voc21, ade150, coco133) for plain parquet")
     p.add_argument("--workers", type=int, help="parallel Ray workers (default: eval.workers)")
+    p.add_argument("--gpu", action="store_true", help="a GPU per worker (default: eval.use_gpu)")
     p.add_argument("--resolution", type=int, help="segmentation short side in px (default: 2 x train size)")
     p.add_argument("--max-rows", type=int, help="evaluate only the first N rows of each split")
     p.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.background=threshold")

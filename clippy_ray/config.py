@@ -229,7 +229,7 @@ class EvalConfig:
     batch_size: int = 16
     workers: int = 2  # Ray actors, each holding the model once
     cpus_per_worker: float = 1.0
-    use_gpu: bool | None = None  # None: a GPU per worker when the cluster has GPUs
+    use_gpu: bool | None = False  # a GPU per worker, asked of the autoscaler; null (older configs) = false
     rows_per_shard: int = 32  # the unit of parallel work; results never depend on the worker count
     max_rows: int | None = None  # per split, for quick looks
     # background in zero-shot segmentation: `class` = the dataset's class 0 has prompts like any

@@ -60,3 +60,10 @@ def test_each_sweep_resolves_every_trial_its_eval_fits_and_its_scheduler_can_act
 def test_asha_without_validation_during_training_is_refused(in_a_checkout_with_data):
     with pytest.raises(config.ConfigError, match=r"scheduler.metric: val_loss is reported every train.val_every=0"):
         load_sweep("configs/ablation_demo.yaml", ["overrides=[train.val_every=0]", "scheduler.name=asha"])
+
+
+def test_the_paper_config_asks_for_gpus_in_training_and_evaluation_and_the_default_does_not():
+    """Evaluation's devices come from the config, not from the GPUs a cluster happens to have up."""
+    paper = config.load(str(ROOT / "configs/vitb16_t5base.yaml"))
+    assert paper.train.use_gpu and paper.eval.use_gpu
+    assert config.EvalConfig().use_gpu is False

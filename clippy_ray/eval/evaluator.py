@@ -250,7 +250,7 @@ def load_model(checkpoint: str, device: torch.device):
 
 def build_evaluator(checkpoint: str, data: EvalSet, cfg: EvalConfig, device: torch.device | None = None) -> Evaluator:
     """Load a handoff checkpoint onto `device` and embed the dataset's class names."""
-    device = device or device_for(cfg.use_gpu)
+    device = device or device_for(bool(cfg.use_gpu))
     model, model_cfg, tokenizer = load_model(checkpoint, device)
     with torch.no_grad():
         return Evaluator(

@@ -140,7 +140,9 @@ def run_eval(
         log("eval: skipped " + "; ".join(f"{t} ({w})" for t, w in skipped.items()))
     settings = check_settings(cfg, data)
     jobs = plan(data, tasks)
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    # From the config, never from what the cluster has right now: GPU nodes scaled to zero would
+    # otherwise turn a GPU evaluation into a silent CPU one; asking for GPUs makes the autoscaler add them.
+    use_gpu = bool(cfg.use_gpu)
     workers = max(1, min(cfg.workers, len(jobs)))
     actors = _start_workers(checkpoint, data, cfg, workers, use_gpu)
     log(
