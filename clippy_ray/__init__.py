@@ -11,8 +11,9 @@ first use, so `import clippy_ray` stays cheap for the command line and Ray worke
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from clippy_ray._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -22,11 +23,7 @@ if TYPE_CHECKING:
     from clippy_ray.api import Model, Preprocess, load
     from clippy_ray.tokenizer import Tokenizer
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(f"clippy_ray.{_HOMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _HOMES)
 
 
 def __dir__() -> list[str]:  # tab completion in notebooks offers the public names

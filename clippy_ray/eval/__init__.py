@@ -9,8 +9,9 @@ not import Ray or torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from clippy_ray._lazy import lazy_attributes
 
 _HOMES = {"run_eval": "runner", "eval_config": "runner", "headline": "report", "summary_line": "report"}
 
@@ -18,11 +19,6 @@ if TYPE_CHECKING:
     from clippy_ray.eval.report import headline, summary_line
     from clippy_ray.eval.runner import eval_config, run_eval
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(f"clippy_ray.eval.{_HOMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, _HOMES)
 
 __all__ = ["eval_config", "headline", "run_eval", "summary_line"]
