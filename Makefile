@@ -38,7 +38,7 @@ demo: setup
 	$(VENV)/bin/clippy-ray demo --config configs/demo.yaml $(DEMO_ARGS)
 
 bench: setup
-	$(PY) bench/loss_chunking.py
+	$(PY) bench/loss_memory.py
 	$(PY) bench/step_overhead.py
 	$(PY) bench/ingest.py
 	$(PY) bench/eval_scaling.py

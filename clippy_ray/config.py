@@ -102,14 +102,14 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     matmul_dtype: str = "auto"  # logits matmul dtype (auto: the training precision); softmax is always float32
-    chunk_size: int | None = None  # columns per chunk (bounds peak memory at large global batch)
+    chunk_size: int | None = None  # columns per block of the fused loss (null: chosen from batch and device)
 
     def check(self, path: str) -> list[str]:
         errors = []
         if self.matmul_dtype not in MATMUL_DTYPES:
             errors.append(f"{path}.matmul_dtype: {self.matmul_dtype!r} is not one of {', '.join(MATMUL_DTYPES)}")
         if self.chunk_size is not None and self.chunk_size < 1:
-            errors.append(f"{path}.chunk_size: {self.chunk_size} must be >= 1 (or null for no chunking)")
+            errors.append(f"{path}.chunk_size: {self.chunk_size} must be >= 1 (or null: chosen automatically)")
         return errors
 
 

@@ -1,19 +1,22 @@
-"""Gathered symmetric InfoNCE (CLIP loss) over the global batch.
+"""Gathered symmetric InfoNCE (CLIP loss) over the global batch, fused and blockwise.
 
-Each rank scores its local rows against the all-gathered columns (never the full N x N on one
-rank). The gather carries gradients back to the rank that owns each embedding, so with the usual
-data-parallel gradient averaging the parameter gradients are those of the single-process loss
-on the concatenated batch. Logit matmuls run in `matmul_dtype` (bf16 by default); scaling and
-log-softmax run in float32. `chunk_size` splits the columns and recomputes each chunk in backward,
-so peak memory is [local, chunk] instead of [local, global]. Plain torch: no Triton, no CUDA code.
+Each rank scores its local rows against the all-gathered columns. The gather carries gradients back
+to the rank that owns each embedding, so with the usual data-parallel gradient averaging the
+parameter gradients are those of the single-process loss on the concatenated batch.
+
+The loss is one autograd Function that never holds the local x global logits: the forward streams
+over blocks of columns keeping a running (max, sum) float32 logsumexp per row for both directions;
+the backward recomputes each block's logits and accumulates the gradients of the local rows, of the
+gathered columns and of the logit scale. Block matmuls run in `matmul_dtype` (bf16 where the
+training precision is bf16), everything after them in float32. Plain torch: no Triton, no CUDA/C++.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 def world() -> tuple[int, int]:
@@ -59,34 +62,140 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def _lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Row-wise logsumexp of scale * q k^T: q [n, E], k [c, E] -> [n] float32."""
-    logits = (q.to(dtype) @ k.to(dtype).T).float() * scale.float()
-    return torch.logsumexp(logits, dim=1)
+def auto_block(rows: int, cols: int, device: torch.device) -> int:
+    """Columns per block when loss.chunk_size is null: 2048 on a CPU, 8192 on a GPU (matmuls large
+    enough to run near peak; a block of logits is still a small part of the full matrix)."""
+    return min(cols, 8192 if device.type == "cuda" else 2048)
 
 
-def row_logsumexp(
-    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, chunk_size: int | None = None
+CPU_TILE_LOGITS = 2**19  # 2 MiB of float32: the elementwise passes after a block's matmul run in cache
+
+
+def _row_tile(rows: int, block: int, device: torch.device) -> int:
+    """Rows per elementwise pass over a block (scale, shift, exp, sum, cast): CPU_TILE_LOGITS
+    logits on a CPU; a GPU takes the block whole."""
+    return rows if device.type == "cuda" else max(1, min(rows, CPU_TILE_LOGITS // block))
+
+
+def _positives(block: torch.Tensor, shift: int) -> tuple[torch.Tensor, int]:
+    """Local row i's positive is global column offset + i; in a tile whose first row is local row
+    r0 and first column global column c0 that is entry (i - r0, i - r0 + shift), shift = offset +
+    r0 - c0. -> (a view of those entries, first tile row that has one)."""
+    return torch.diagonal(block, shift), max(0, -shift)
+
+
+class _BlockwiseInfoNCE(torch.autograd.Function):
+    """loss = (CE(local images -> all texts) + CE(local texts -> all images)) / 2 over local rows,
+    computed block by block over the columns (see the module docstring). scale must be > 0."""
+
+    @staticmethod
+    def forward(ctx, image, text, all_image, all_text, scale, offset: int, block: int, dtype: torch.dtype):
+        n, cols = image.shape[0], all_text.shape[0]
+        tile = _row_tile(n, block, image.device)
+        s = scale.detach().reshape(1).float()  # 1-d: promotes a bf16 operand to float32 in the same pass
+        queries = (image.detach().to(dtype), text.detach().to(dtype))
+        keys = (all_text.detach(), all_image.detach())  # cast block by block: no [N, E] copy
+        run_max = torch.full((2, n), float("-inf"), device=image.device)
+        run_sum = torch.zeros((2, n), device=image.device)
+        pos = torch.zeros((2, n), device=image.device)
+        for c0 in range(0, cols, block):
+            for d in range(2):
+                dots = queries[d] @ keys[d][c0 : c0 + block].to(dtype).T  # [n, b] in the matmul dtype
+                diag, first = _positives(dots, offset - c0)
+                pos[d, first : first + diag.numel()] = diag * s
+                new_max = torch.maximum(run_max[d], dots.amax(dim=1) * s)  # s > 0: the max commutes with it
+                run_sum[d].mul_(torch.exp(run_max[d] - new_max))
+                run_max[d] = new_max
+                for r0 in range(0, n, tile):
+                    x = torch.mul(dots[r0 : r0 + tile], s).sub_(new_max[r0 : r0 + tile, None]).exp_()
+                    run_sum[d, r0 : r0 + tile] += x.sum(dim=1)  # float32 [tile, b] -> [tile]
+        lse = run_max + run_sum.log()  # [2, n]
+        ctx.save_for_backward(image, text, all_image, all_text, scale, lse)
+        ctx.offset, ctx.block, ctx.dtype = offset, block, dtype
+        return (lse - pos).mean(dim=1).sum() * 0.5
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        image, text, all_image, all_text, scale, lse = ctx.saved_tensors
+        n, cols, dtype, block = image.shape[0], all_text.shape[0], ctx.dtype, ctx.block
+        tile = _row_tile(n, block, image.device)
+        s = scale.detach().reshape(1).float()
+        queries = (image.detach().to(dtype), text.detach().to(dtype))
+        keys = (all_text.detach(), all_image.detach())
+        row_acc = torch.zeros((2, n, image.shape[1]), device=image.device)  # sum_j G_ij k_j, float32
+        # sum_i G_ij q_i, float32: one matmul per block over all local rows, so nothing accumulates
+        col = (torch.empty(all_text.shape, device=image.device), torch.empty(all_image.shape, device=image.device))
+        for c0 in range(0, cols, block):
+            for d in range(2):
+                k = keys[d][c0 : c0 + block].to(dtype)
+                dots = queries[d] @ k.T  # [n, b]
+                g = torch.empty_like(dots)  # G = softmax - onehot, in the matmul dtype
+                for r0 in range(0, n, tile):
+                    x = torch.mul(dots[r0 : r0 + tile], s).sub_(lse[d, r0 : r0 + tile, None]).exp_()
+                    _positives(x, ctx.offset + r0 - c0)[0].sub_(1.0)  # in float32: p - 1 keeps its digits
+                    g[r0 : r0 + tile] = x
+                row_acc[d] += g @ k
+                col[d][c0 : c0 + block] = g.T @ queries[d]
+        # d loss / d logits = G * coef; the logits' own factor s is applied once, here
+        coef = grad_loss.float() * 0.5 / n
+        grad_scale = None
+        if ctx.needs_input_grad[4]:
+            # sum_ij G_ij <q_i, k_j> = sum_i <q_i, sum_j G_ij k_j>: no extra pass over the blocks
+            dots = sum((queries[d].float() * row_acc[d]).sum() for d in range(2))
+            grad_scale = (coef * dots).reshape(scale.shape).to(scale.dtype)
+        factor = coef * s
+        return (
+            row_acc[0].mul_(factor).to(image.dtype),
+            row_acc[1].mul_(factor).to(text.dtype),
+            col[1].mul_(factor).to(all_image.dtype),
+            col[0].mul_(factor).to(all_text.dtype),
+            grad_scale,
+            None,
+            None,
+            None,
+        )
+
+
+def blockwise_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    all_image: torch.Tensor,
+    all_text: torch.Tensor,
+    scale: torch.Tensor,
+    offset: int,
+    dtype: torch.dtype = torch.bfloat16,
+    block: int | None = None,
 ) -> torch.Tensor:
-    if chunk_size is None or chunk_size >= k.shape[0]:
-        return _lse(q, k, scale, dtype)
-    parts = [
-        checkpoint(_lse, q, k[start : start + chunk_size], scale, dtype, use_reentrant=False)
-        for start in range(0, k.shape[0], chunk_size)
-    ]
-    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+    """Local rows image, text [n, E] against the global columns all_image, all_text [N, E], whose
+    rows offset..offset+n are this rank's pairs; scale [1] or []. Columns per block: `block`, or
+    `auto_block` when None."""
+    block = block or auto_block(image.shape[0], all_text.shape[0], image.device)
+    return _BlockwiseInfoNCE.apply(image, text, all_image, all_text, scale, offset, block, dtype)
 
 
-def positive_logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """scale * <a_i, b_i> with the same matmul rounding as the full logits: [n, E] x2 -> [n]."""
-    dots = (a.to(dtype).unsqueeze(1) @ b.to(dtype).unsqueeze(2)).reshape(-1)
-    return dots.float() * scale.float()
+def reference_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    all_image: torch.Tensor,
+    all_text: torch.Tensor,
+    scale: torch.Tensor,
+    offset: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The same loss in plain autograd, as OpenCLIP's ClipLoss(local_loss=True) computes it: the full
+    [n, N] logits in both directions. The baseline of the tests and of bench/loss_memory.py."""
+    s = scale.reshape(()).float()
+    labels = torch.arange(image.shape[0], device=image.device) + offset
+    per_image = (image.to(dtype) @ all_text.to(dtype).T).float() * s
+    per_text = (text.to(dtype) @ all_image.to(dtype).T).float() * s
+    return 0.5 * (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels))
 
 
 class ContrastiveLoss(nn.Module):
     """loss = (CE(img -> all texts) + CE(text -> all images)) / 2, averaged over this rank's rows.
 
     Returns this rank's loss; the mean over ranks equals the loss on the global batch.
+    chunk_size: columns per block (None: chosen from the batch and the device, `auto_block`).
     """
 
     def __init__(self, matmul_dtype: torch.dtype = torch.bfloat16, chunk_size: int | None = None):
@@ -95,23 +204,10 @@ class ContrastiveLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """image, text: L2-normalized [n, E] (local rows); scale: [1] or [] (exp of logit scale)."""
+        """image, text: L2-normalized [n, E] (local rows); scale: [1] or [] (exp of logit scale, > 0)."""
         if image.shape != text.shape:
             raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} embeddings must match")
-        return self.local_loss(image, text, gather_with_grad(image), gather_with_grad(text), scale)
-
-    def local_loss(
-        self,
-        image: torch.Tensor,
-        text: torch.Tensor,
-        all_image: torch.Tensor,
-        all_text: torch.Tensor,
-        scale: torch.Tensor,
-    ) -> torch.Tensor:
-        """Local rows [n, E] against the global columns [N, E] (which contain the local rows)."""
-        scale = scale.reshape(())
-        dt = self.matmul_dtype
-        pos = positive_logits(image, text, scale, dt)  # the target column is this row's own pair
-        i2t = row_logsumexp(image, all_text, scale, dt, self.chunk_size) - pos
-        t2i = row_logsumexp(text, all_image, scale, dt, self.chunk_size) - pos
-        return 0.5 * (i2t.mean() + t2i.mean())
+        rank, _ = world()
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+        offset = rank * image.shape[0]  # this rank's pairs in the gathered columns
+        return blockwise_loss(image, text, all_image, all_text, scale, offset, self.matmul_dtype, self.chunk_size)

@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clippy_ray.loss import ContrastiveLoss
+from clippy_ray import loss as loss_module
+from clippy_ray.loss import ContrastiveLoss, auto_block, blockwise_loss, reference_loss
 
 
 def naive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,60 @@ def test_chunked_columns_equal_unchunked_loss_and_gradients(chunk):
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
+
+
+def _loss_and_grads(fn, *tensors):
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    loss = fn(*leaves)
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def _rank_slice(n_global=48, n_local=12, rank=2, d=16, seed=3):
+    """One simulated rank: its rows of the global batch, the global columns, the scale."""
+    all_image, all_text = embeddings(n_global, d, seed)
+    rows = slice(rank * n_local, (rank + 1) * n_local)
+    return all_image[rows], all_text[rows], all_image, all_text, torch.tensor([17.0]), rank * n_local
+
+
+# (block, row tile in logits): one block, blocks that split this rank's positives, several row tiles
+LAYOUTS = [(None, None), (7, None), (5, 16), (48, 96)]
+
+
+@pytest.mark.parametrize("block, tile", LAYOUTS)
+def test_fused_loss_and_all_gradients_equal_the_reference_in_float32(monkeypatch, block, tile):
+    if tile:
+        monkeypatch.setattr(loss_module, "CPU_TILE_LOGITS", tile)
+    *tensors, offset = _rank_slice()
+    fused = _loss_and_grads(lambda *t: blockwise_loss(*t, offset, torch.float32, block), *tensors)
+    ref = _loss_and_grads(lambda *t: reference_loss(*t, offset, torch.float32), *tensors)
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=0)
+    names = ("local image", "local text", "global image", "global text", "logit scale")
+    for name, a, b in zip(names, fused[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n} grad: {m}")
+
+
+@pytest.mark.parametrize("block, tile", LAYOUTS)
+def test_fused_bf16_loss_is_as_close_to_float32_as_the_bf16_reference(monkeypatch, block, tile):
+    """The documented bf16 tolerance: loss within 2e-3 relative of float32, each gradient within 2e-2
+    (relative, in norm), the same as the plain-autograd bf16 loss."""
+    if tile:
+        monkeypatch.setattr(loss_module, "CPU_TILE_LOGITS", tile)
+    *tensors, offset = _rank_slice()
+    exact = _loss_and_grads(lambda *t: reference_loss(*t, offset, torch.float32), *tensors)
+    fused = lambda *t: blockwise_loss(*t, offset, torch.bfloat16, block)
+    reference = lambda *t: reference_loss(*t, offset, torch.bfloat16)
+    for fn in (fused, reference):
+        loss, grads = _loss_and_grads(fn, *tensors)
+        assert loss.item() == pytest.approx(exact[0].item(), rel=2e-3)
+        for a, b in zip(grads, exact[1]):
+            assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+def test_automatic_block_size_bounds_the_block_and_covers_small_batches():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert auto_block(32, 64, cpu) == 64  # the demo's batch: one block
+    assert auto_block(4096, 32768, cpu) == 2048 and auto_block(4096, 32768, gpu) == 8192
 
 
 def test_bf16_matmul_stays_close_to_the_float32_loss():

@@ -1,0 +1,1 @@
+"""The logic behind the scripts in bench/ (which only parse arguments and print)."""
