@@ -201,6 +201,11 @@ class TrainConfig:
             errors.append(f"{path}.zero_stage: {self.zero_stage} is not a DeepSpeed ZeRO stage (0, 1, 2 or 3)")
         if self.precision not in PRECISIONS:
             errors.append(f"{path}.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision == "bf16" and self.zero_stage == 0:  # (auto picks fp32 with ZeRO-0)
+            errors.append(
+                f"{path}.zero_stage: 0 with precision bf16 would reduce and accumulate gradients in bf16 "
+                "(DeepSpeed keeps them in fp32 only under ZeRO); use zero_stage 1 or precision fp32"
+            )
         if self.optimizer not in OPTIMIZERS:
             errors.append(f"{path}.optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         errors += out_of_range(path, self, ">= 0", ("warmup_steps", "val_every", "max_failures"))

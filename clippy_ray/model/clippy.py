@@ -28,9 +28,9 @@ class CLIPpy(nn.Module):
         self.max_logit_scale = max_logit_scale
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale) clamped at max_logit_scale, as CLIP does. Clamped here rather than
-        in-place after each step so it also holds for ZeRO-3 partitioned parameters."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """exp(logit_scale), float32 [1]. Training keeps it <= max_logit_scale by clamping the value
+        after each optimizer step, as CLIP does; a clamp here would zero the gradient at the bound."""
+        return self.logit_scale.float().exp()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> L2-normalized [N, E]."""

@@ -1,26 +1,41 @@
 """DeepSpeed configuration and engine from a TrainConfig (the only DeepSpeed-aware training file
-besides the loop and the checkpoint code)."""
+besides the loop and the checkpoint code).
+
+Mixed precision: under bf16 the module computes in bf16 while the optimizer keeps float32 master
+weights and state (every ZeRO stage); gradients are accumulated over micro-batches and reduced
+across ranks in float32; the logit scale the loss sees is its float32 master (`Fp32LogitScale`).
+"""
 
 from __future__ import annotations
+
+import math
+from collections import defaultdict
 
 import torch
 
 from clippy_ray.config import TrainConfig
-from clippy_ray.train.optim import build_optimizer, lr_lambda
+from clippy_ray.train.optim import Lamb, build_optimizer, lr_lambda
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
-    return {
+    bf16 = cfg.precision == "bf16"  # never with zero_stage 0 (TrainConfig.check, agree_precision)
+    conf = {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": cfg.grad_clip,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch AdamW / our LAMB as client optimizers
         "steps_per_print": 2**31 - 1,  # progress is ours (rank 0), not DeepSpeed's
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        # float32 gradients: accumulated over micro-batches (ZeRO-1 then runs DeepSpeed's
+        # BF16_Optimizer) and reduced across ranks in float32, not bf16
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+        conf["communication_data_type"] = "fp32"
+    return conf
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig):
@@ -33,6 +48,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
     optimizer = build_optimizer(model, cfg)
     # A factory, so the schedule drives the optimizer DeepSpeed wraps (and is saved with it).
     schedule = lr_lambda(cfg)
+    logit_scale = model.logit_scale.detach().float().clone()  # before DeepSpeed rounds it to bf16
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -40,4 +56,100 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
         dist_init_required=False,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    if isinstance(optimizer, Lamb) and engine.zero_optimization_stage() > 0:
+        optimizer.partitioned(lambda: lamb_pieces(engine), count=len(list(model.parameters())))
+    _set_fp32(engine.module.logit_scale, logit_scale)
+    engine.module.register_forward_hook(Fp32LogitScale(engine, model.max_logit_scale))
     return engine
+
+
+def _get_fp32(param: torch.nn.Parameter) -> torch.Tensor:
+    """The float32 master of a parameter (a collective under ZeRO: every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(param)
+    if master is None:  # no ZeRO: the (float32) parameter is its own master
+        master = param.detach()
+    return master.float().reshape(-1).clone()
+
+
+def _set_fp32(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Write a parameter's float32 master (each rank writes its own part)."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    value = value.to(param.device).float().reshape(-1)
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's slice of the padded flat parameter
+        part = param.ds_tensor.numel()
+        padded = torch.zeros(part * dist.get_world_size(), device=value.device)
+        padded[: value.numel()] = value
+        safe_set_local_fp32_param(param, padded[dist.get_rank() * part :][:part])
+    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2: the fragment in this rank's flat partition
+        safe_set_full_fp32_param(param, value)
+    else:  # no ZeRO: the (float32) parameter is its own master
+        param.data.copy_(value.reshape(param.shape))
+
+
+class Fp32LogitScale:
+    """Forward hook on the model: its third output, exp(logit_scale), gets the value of the float32
+    master of logit_scale and the gradient of the model's own scale.
+
+    Under bf16 the module's logit_scale is a bf16 copy of the master (near ln(1 / 0.07) = 2.66 its
+    steps are 2^-6, 1.6% of the temperature); without this the loss would see the temperature move
+    in those steps while the master moves finely. Once per optimizer step (at the first forward
+    after it: a collective under ZeRO, which every data-parallel rank runs) the master is read and
+    clamped at ln(max_logit_scale) by value, as CLIP does after its step, so the bound never cuts
+    the gradient that can move it back.
+    """
+
+    def __init__(self, engine, max_logit_scale: float):
+        self.engine = engine
+        self.bound = math.log(max_logit_scale)
+        self.seen_step: int | None = None
+        self.master = torch.zeros(1)
+
+    def refresh(self) -> None:
+        param = self.engine.module.logit_scale
+        master = _get_fp32(param)
+        if master.item() > self.bound:
+            master.fill_(self.bound)
+            _set_fp32(param, master)
+        self.master = master
+        self.seen_step = self.engine.global_steps
+
+    def __call__(self, module, inputs, output):
+        image, text, scale = output
+        if self.seen_step != self.engine.global_steps:
+            self.refresh()
+        value = self.master.to(scale.device).exp()
+        # value in the forward; d/d(scale) = value / scale, so the logit gets d loss/d s * exp(master)
+        return image, text, value * (scale / scale.detach())
+
+
+def lamb_pieces(engine) -> dict[int, list[tuple[int, int, int]]]:
+    """Where each parameter lies in the flat float32 partitions the optimizer steps under ZeRO:
+    {data_ptr of a flat partition: [(parameter index, start, numel), ...]} on this rank."""
+    optimizer, stage = engine.optimizer, engine.zero_optimization_stage()
+    pieces: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    # the flat partitions of ZeRO-1/2, or of BF16_Optimizer (ZeRO-1 under bf16)
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None)
+    flats = flats or getattr(optimizer, "fp32_groups_flat_partition", None)
+    for index, param in enumerate(engine.module.parameters()):
+        if not param.requires_grad:
+            continue
+        if stage == 3:
+            group, start, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+            pieces[optimizer.fp32_partitioned_groups_flat[group].data_ptr()].append((index, start, numel))
+            continue
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            if not hasattr(param, "_hp_mapping"):
+                raise RuntimeError(
+                    f"train.optimizer=lamb: {type(optimizer).__name__} (ZeRO-{stage}) gives no map from "
+                    "parameters to its flat partitions, so LAMB's per-parameter trust ratio is unavailable"
+                )
+            continue  # none of this parameter lies in this rank's partition
+        flat = flats[mapping.param_group_index]
+        address = mapping.hp_fragment_address
+        pieces[flat.data_ptr()].append((index, address.start, address.numel))
+    return pieces

@@ -53,12 +53,14 @@ def _next_batch(iterator, device):
     return _all_true(batch is not None, device), batch
 
 
-def agree_precision(requested: str, device: torch.device) -> precision.Choice:
+def agree_precision(requested: str, device: torch.device, zero_stage: int = 1) -> precision.Choice:
     """train.precision resolved on every rank, the same everywhere (DeepSpeed needs one dtype):
-    bf16 only if every worker's device runs it natively."""
+    bf16 only if every worker's device runs it natively, and ZeRO keeps the gradients in fp32."""
     choice = precision.choose(requested, device)
     if requested != "auto":
         return choice
+    if zero_stage == 0:
+        return precision.Choice("fp32", "train.zero_stage=0: DeepSpeed would keep bf16 gradients in bf16")
     if _all_true(choice.precision == "bf16", device):
         return choice
     if choice.precision == "bf16":
@@ -143,7 +145,7 @@ def train_loop(loop_config: dict) -> None:
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
 
     # Build (precision first: the DeepSpeed config and the handoff's config record the resolved one)
-    choice = agree_precision(cfg.train.precision, device)
+    choice = agree_precision(cfg.train.precision, device, cfg.train.zero_stage)
     cfg.train.precision = choice.precision
     loss_dtype = precision.matmul_dtype(cfg.loss.matmul_dtype, choice.precision)
     cfg.loss.matmul_dtype = str(loss_dtype).removeprefix("torch.")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from clippy_ray.config import TrainConfig
@@ -27,46 +29,83 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al., 2019): Adam moments with a per-tensor trust ratio ||w|| / ||update||,
-    the large-batch optimizer the CLIPpy paper cites. Plain torch, any device."""
+    """LAMB (You et al., 2019): Adam moments with a per-parameter trust ratio ||w|| / ||update||,
+    the large-batch optimizer the CLIPpy paper cites. Plain torch, any device.
+
+    Under ZeRO the tensors it steps are flat float32 partitions, each holding pieces of many
+    parameters (a parameter may straddle ranks). `partitioned` tells it where the pieces lie; each
+    parameter's norms are then summed over its pieces and over ranks (one all-reduce per flat
+    tensor), so the trust ratio is LAMB's, not one per partition."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._pieces: Callable[[], dict[int, list[tuple[int, int, int]]]] | None = None
+        self._count = 0
+
+    def partitioned(self, pieces: Callable[[], dict[int, list[tuple[int, int, int]]]], count: int) -> None:
+        """pieces() -> {data_ptr of a flat tensor: [(parameter index < count, start, numel), ...]}
+        on this rank; every rank steps the same flat tensors in the same order (a collective each)."""
+        self._pieces, self._count = pieces, count
+
+    def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Adam's bias-corrected step direction plus decoupled weight decay, float32."""
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state["step"] += 1
+        step = state["step"].item()
+        grad = p.grad.float()
+        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m_hat = state["exp_avg"] / (1 - beta1**step)
+        v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+        update = m_hat / (v_hat.sqrt() + group["eps"])
+        if group["weight_decay"]:
+            update.add_(p.float(), alpha=group["weight_decay"])
+        return update
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        pieces = self._pieces() if self._pieces is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                if pieces is None:
+                    if p.grad is not None:
+                        update = self._update(p, group)
+                        p.add_((update * _trust(p.float().norm(), update.norm()) * -group["lr"]).to(p.dtype))
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                step = state["step"].item()
-                grad = p.grad.float()
-                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m_hat = state["exp_avg"] / (1 - beta1**step)
-                v_hat = state["exp_avg_sq"] / (1 - beta2**step)
-                update = m_hat / (v_hat.sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update.add_(p.float(), alpha=group["weight_decay"])
-                w_norm, u_norm = p.float().norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.add_((update * trust * -group["lr"]).to(p.dtype))
+                if p.data_ptr() not in pieces:
+                    raise RuntimeError("LAMB: a flat partition with no parameter map; call partitioned() again")
+                update = self._update(p, group) if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+                self._step_pieces(p, update, pieces[p.data_ptr()], group["lr"])
         return loss
+
+    def _step_pieces(self, flat: torch.Tensor, update: torch.Tensor, pieces: list, lr: float) -> None:
+        squares = torch.zeros(2, self._count, device=flat.device)  # ||w||^2, ||update||^2 per parameter
+        for index, start, numel in pieces:
+            squares[0, index] += flat[start : start + numel].float().square().sum()
+            squares[1, index] += update[start : start + numel].square().sum()
+        dist.all_reduce(squares)
+        trust = _trust(squares[0].sqrt(), squares[1].sqrt())
+        for index, start, numel in pieces:
+            flat[start : start + numel].add_((update[start : start + numel] * (trust[index] * -lr)).to(flat.dtype))
+
+
+def _trust(w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
+    """||w|| / ||update||, or 1 where either is zero (fresh biases, no gradient)."""
+    return torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    fused = cfg.use_gpu and torch.cuda.is_available()  # fused AdamW kernel on GPU, plain on CPU
+    # torch's fused AdamW kernel, on GPU and CPU (one pass over the state: ~5x faster on a CPU)
+    fused = torch.cuda.is_available() or not cfg.use_gpu
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 

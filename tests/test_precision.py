@@ -1,0 +1,246 @@
+"""Mixed precision under DeepSpeed, on 2 gloo ranks with the tiny model: float32 gradients and
+master weights, a float32 logit scale the bound cannot trap, LAMB's per-parameter trust ratio under
+every ZeRO stage, and bf16 training that follows fp32. One spawned pair of processes runs every
+engine (DeepSpeed's start-up dominates); the tests read what it recorded."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from clippy_ray import config
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.integration  # DeepSpeed engines on gloo process groups
+
+WORLD, PAIRS = 2, 16  # ranks; pairs in the fixed global batch
+PARITY_STEPS = 30
+LAMB_STEPS = 3
+BF16_STEP = 2.0**-6  # bf16's spacing in [2, 4), where ln(1 / 0.07) = 2.66 lies
+PARITY_TOLERANCE = 0.075  # |bf16 - fp32| of the mean loss over the ranks at every step, nats
+
+
+def _config(*overrides: str) -> config.Config:
+    return config.load(
+        None,
+        TINY
+        + [
+            f"train.num_workers={WORLD}",
+            f"train.global_batch_size={PAIRS}",
+            "train.warmup_steps=0",
+            "train.lr=1e-3",
+            # T5's dropout would draw different masks in one process and in two
+            "model.text.hf_config={num_layers: 2, d_model: 32, d_kv: 8, num_heads: 4, d_ff: 64, dropout_rate: 0.0}",
+            *overrides,
+        ],
+    )
+
+
+def _batch(cfg: config.Config, rows: slice):
+    """The fixed global batch (noise images, numbered captions), rows `rows` of it."""
+    from clippy_ray.data.transforms import normalize
+    from clippy_ray.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(cfg.model.text)
+    g = torch.Generator().manual_seed(1)
+    size = cfg.model.image.img_size
+    images = torch.randint(0, 255, (PAIRS, 3, size, size), dtype=torch.uint8, generator=g)
+    enc = tok([f"shape number {i} in colour {i % 3}" for i in range(PAIRS)])
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    return (
+        normalize(images[rows], dtype),
+        torch.from_numpy(enc["input_ids"])[rows],
+        torch.from_numpy(enc["attention_mask"])[rows],
+    )
+
+
+def _model(cfg: config.Config):
+    from clippy_ray.model import build_model
+    from clippy_ray.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    return build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size)
+
+
+def _inspect(engine) -> dict:
+    """Where DeepSpeed keeps gradients and masters (dtype names)."""
+    opt, stage = engine.optimizer, engine.zero_optimization_stage()
+    model_dtype, accum_dtype = engine.get_data_types()
+    if stage == 1:  # BF16_Optimizer: its own accumulation buffers
+        buffers, masters = opt.fp32_groups_gradients_flat, opt.fp32_groups_flat_partition
+    elif stage == 2:
+        buffers = [torch.empty(0, dtype=opt.gradient_accumulation_dtype)] if opt.use_separate_grad_accum else []
+        masters = opt.single_partition_of_fp32_groups
+    else:
+        buffers, masters = [opt.grad_partitions_flat_buffer], opt.fp32_partitioned_groups_flat
+    return {
+        "optimizer": type(opt).__name__,
+        "module": str(model_dtype),
+        "accumulate": str(accum_dtype),
+        "reduce": str(engine.communication_data_type),
+        "buffers": sorted({str(b.dtype) for b in buffers}),
+        "masters": sorted({str(m.dtype) for m in masters}),
+    }
+
+
+def _coverage(engine, model) -> bool:
+    """Every parameter's pieces in the flat partitions add up, over ranks, to the parameter."""
+    import torch.distributed as dist
+
+    from clippy_ray.train.engine import lamb_pieces
+
+    sizes = [getattr(p, "ds_numel", p.numel()) for p in model.parameters()]  # ZeRO-3 empties p itself
+    counts = torch.zeros(len(sizes), dtype=torch.int64)
+    for pieces in lamb_pieces(engine).values():
+        for index, _, numel in pieces:
+            counts[index] += numel
+    dist.all_reduce(counts)
+    # ZeRO-3 pads each parameter to a multiple of the world size; the padding is zeros
+    return all(size <= int(c) < size + WORLD for size, c in zip(sizes, counts))
+
+
+def _worker(rank: int, port: int, out: str):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = str(WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)  # two ranks share the machine's cores
+    try:
+        from clippy_ray.loss import ContrastiveLoss
+        from clippy_ray.train.checkpoint import full_state_dict
+        from clippy_ray.train.engine import _get_fp32, _set_fp32, build_engine
+
+        rows = slice(rank * PAIRS // WORLD, (rank + 1) * PAIRS // WORLD)
+        record: dict = {}
+
+        def step(engine, inputs, extra=None, matmul=torch.float32) -> tuple[float, float]:
+            img, txt, scale = engine(*inputs)
+            loss = ContrastiveLoss(matmul)(img, txt, scale)
+            engine.backward(loss + (extra(scale) if extra else 0))
+            engine.step()
+            return loss.item(), scale.item()
+
+        # bf16 + LAMB under ZeRO-1/2/3: the engine, LAMB's map, the logit scale's master and bound
+        for stage in (1, 2, 3):
+            cfg = _config(f"train.zero_stage={stage}", "train.precision=bf16", "train.optimizer=lamb")
+            model = _model(cfg)
+            engine, inputs = build_engine(model, cfg.train), _batch(cfg, rows)
+            got = {"inspect": _inspect(engine), "coverage": _coverage(engine, model), "master": [], "seen": []}
+            got["master"].append(_get_fp32(engine.module.logit_scale).item())
+            for _ in range(6):
+                got["seen"].append(step(engine, inputs)[1])
+                got["master"].append(_get_fp32(engine.module.logit_scale).item())
+            # above the bound: the next forward (the first after a step) sees it clamped, and a loss
+            # that lowers the scale moves it back below
+            _set_fp32(engine.module.logit_scale, torch.tensor([math.log(100.0) + 0.3]))
+            got["at_bound"] = step(engine, inputs, extra=lambda s: 10 * s.sum())[1]
+            got["after_bound"] = _get_fp32(engine.module.logit_scale).item()
+            record[f"bf16_zero{stage}"] = got
+
+        # fp32 LAMB under ZeRO-1/2/3: the weights after a few steps
+        for stage in (1, 2, 3):
+            cfg = _config(f"train.zero_stage={stage}", "train.precision=fp32", "train.optimizer=lamb")
+            model = _model(cfg)
+            engine, inputs = build_engine(model, cfg.train), _batch(cfg, rows)
+            for _ in range(LAMB_STEPS):
+                step(engine, inputs)
+            record[f"lamb_zero{stage}"] = full_state_dict(engine)
+
+        # bf16 vs fp32, AdamW, ZeRO-2 (the demo's setting), the loss's matmuls in the training precision
+        for precision, matmul in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            cfg = _config("train.zero_stage=2", f"train.precision={precision}")
+            engine, inputs = build_engine(_model(cfg), cfg.train), _batch(cfg, rows)
+            losses = [step(engine, inputs, matmul=matmul)[0] for _ in range(PARITY_STEPS)]
+            t = torch.tensor(losses)
+            dist.all_reduce(t)
+            record[f"parity_{precision}"] = (t / WORLD).tolist()
+        if rank == 0:
+            torch.save(record, os.path.join(out, "record.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("precision")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
+    return torch.load(out / "record.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("stage, wrapper", [(1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer"), (3, "Stage3")])
+def test_bf16_engines_keep_float32_masters_and_reduce_and_accumulate_gradients_in_float32(record, stage, wrapper):
+    got = record[f"bf16_zero{stage}"]["inspect"]
+    assert wrapper in got["optimizer"]
+    assert got["module"] == "torch.bfloat16"
+    assert got["accumulate"] == got["reduce"] == "torch.float32"
+    assert got["buffers"] == got["masters"] == ["torch.float32"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_loss_sees_the_float32_logit_scale_which_moves_by_less_than_a_bf16_step(record, stage):
+    got = record[f"bf16_zero{stage}"]
+    master = torch.tensor(got["master"], dtype=torch.float64)
+    assert master[0] == pytest.approx(math.log(1 / 0.07), abs=1e-6)  # not the bf16-rounded 2.656
+    moves = (master[1:] - master[:-1]).abs()
+    assert (moves > 0).all() and (moves < BF16_STEP / 2).all(), moves
+    assert not torch.equal(master.float(), master.float().bfloat16().float())  # values bf16 cannot hold
+    # each forward's scale is exp(the master the previous step left), not exp(a bf16 value)
+    torch.testing.assert_close(torch.tensor(got["seen"]), master[:-1].exp().float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_temperature_bound_clamps_the_value_and_training_can_still_move_it_back(record, stage):
+    got = record[f"bf16_zero{stage}"]
+    assert got["at_bound"] == pytest.approx(100.0, rel=1e-6)  # clamped by value after the step
+    assert got["after_bound"] < math.log(100.0)  # the gradient at the bound was not cut
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_lamb_piece_map_covers_every_parameter_once_over_the_ranks(record, stage):
+    assert record[f"bf16_zero{stage}"]["coverage"]
+
+
+@pytest.fixture(scope="module")
+def lamb_reference() -> dict[str, torch.Tensor]:
+    """Plain LAMB in one process on the whole batch: the weights after LAMB_STEPS steps."""
+    from clippy_ray.loss import ContrastiveLoss
+    from clippy_ray.train.optim import build_optimizer, lr_lambda
+
+    cfg = _config("train.precision=fp32", "train.optimizer=lamb")
+    model = _model(cfg)
+    opt = build_optimizer(model, cfg.train)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train))
+    inputs = _batch(cfg, slice(None))
+    for _ in range(LAMB_STEPS):
+        loss = ContrastiveLoss(torch.float32)(*model(*inputs))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        schedule.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_lamb_under_zero_equals_single_process_lamb_with_per_parameter_trust_ratios(record, lamb_reference, stage):
+    # with one trust ratio per flat partition (what DeepSpeed does to a client LAMB) the updates
+    # differ from these by 1-15x their own size
+    got = record[f"lamb_zero{stage}"]
+    for name, want in lamb_reference.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_bf16_training_follows_fp32_within_the_stated_tolerance(record):
+    bf16, fp32 = torch.tensor(record["parity_bf16"]), torch.tensor(record["parity_fp32"])
+    assert fp32[-5:].mean() < fp32[:5].mean() / 4  # it learns, so the comparison means something
+    gap = (bf16 - fp32).abs()
+    assert gap.max() < PARITY_TOLERANCE, (bf16.tolist(), fp32.tolist())
