@@ -3,7 +3,7 @@ workers (the tiny model of configs/demo.yaml, randomly initialized: speed does n
 weights). Prints the speed-up (goal >= 1.8x with 2 workers on 2 cores). Wall time includes
 starting the actors and loading the model, as a user's `clippy-ray eval` pays them.
 
-    python bench/eval_scaling.py [--rows 1024] [--workers 2] [--resolution 128]
+    python bench/eval_scaling.py [--rows 1024] [--workers 2] [--resolution 128] [--json PATH]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import torch
 
 from clippy_ray import config
+from clippy_ray.benchmarks import common
 from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
 from clippy_ray.eval import run_eval
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--config", default="configs/demo.yaml")
+    common.add_json_argument(parser)
     args = parser.parse_args()
 
     init_ray()
@@ -86,6 +88,14 @@ def main() -> None:
         f"  reproduce: python bench/eval_scaling.py --rows {args.rows} --workers {args.workers} "
         f"--resolution {args.resolution}"
     )
+    results = {
+        "wall_seconds": timings,
+        "shard_seconds": tasks,
+        "speedup_shards": tasks[1] / tasks[n],
+        "speedup_command": timings[1] / timings[n],
+        "identical_metrics": same,
+    }
+    common.write_json(args.json, "eval_scaling", args, results)
 
 
 if __name__ == "__main__":

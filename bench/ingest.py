@@ -4,7 +4,7 @@ decode + augment + tokenize on the same shard, and that loop x cores (the goal's
 independent decoders, which a pipeline cannot be expected to beat (beyond noise), so each ratio
 can be read against it.
 
-    python bench/ingest.py [--rows 6000] [--copies 4] [--reps 3] [--block-mib 32] ...   (--help: all)
+    python bench/ingest.py [--rows 6000] [--copies 4] [--reps 3] [--block-mib 32] [--json PATH] ...   (--help: all)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 import psutil
 import pyarrow.parquet as pq
 
+from clippy_ray.benchmarks import common
 from clippy_ray.config import DataConfig, TextConfig
 from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--decode-cpus", type=float, default=DataConfig.decode_cpus)
     parser.add_argument("--read-cpus", type=float, default=DataConfig.read_cpus)
     parser.add_argument("--footer-readers", type=int, default=DataConfig.footer_readers)
+    common.add_json_argument(parser)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     init_ray()
@@ -227,9 +229,17 @@ def main() -> None:
     if decode:
         per_core = med["steady"] / (decode * cores)
         print(f"decode/read tasks: {per_core:.0f} rows/s per busy core = {per_core / med['bare']:.2f}x the bare loop's")
-    print(
-        "reproduce: python bench/ingest.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
-    )
+    shown = {k: v for k, v in vars(args).items() if k != "json"}
+    print("reproduce: python bench/ingest.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items()))
+    results = {
+        "reps": runs,
+        "medians_rows_per_s": med,
+        "steady_over_bare_x_cores": common.spread(goal),
+        "parallel_over_bare_x_cores": common.spread(ceiling),
+        "steady_over_parallel": common.spread(of_ceiling),
+        "cpu_shares": shares,
+    }
+    common.write_json(args.json, "ingest", args, results)
 
 
 if __name__ == "__main__":

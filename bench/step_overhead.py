@@ -2,7 +2,7 @@
 same tiny model (configs/demo.yaml), the same fixed batch, the same optimizer, fp32, one worker
 with all the cores. Prints the ratio (goal <= 1.1x).
 
-    python bench/step_overhead.py [--steps 30] [--batch 32] [--stages 0 2]
+    python bench/step_overhead.py [--steps 30] [--batch 32] [--stages 0 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 import torch
 
 from clippy_ray import config
+from clippy_ray.benchmarks import common
 from clippy_ray.data.transforms import normalize
 from clippy_ray.loss import ContrastiveLoss
 from clippy_ray.model import build_model
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2])
+    common.add_json_argument(parser)
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -120,11 +122,13 @@ def main() -> None:
     bare = statistics.median(bare_steps(base, args.batch, args.steps))
     print(f"model {args.config}, batch {args.batch}, fp32, {threads} threads, median of {args.steps} steps")
     print(f"bare PyTorch loop:                 {bare * 1e3:7.1f} ms/step")
+    results = {"bare_ms": bare * 1e3, "zero_stages": {}}
     for stage in args.stages:
         cfg = config.from_dict(
             {**config.to_dict(base), "train": {**config.to_dict(base)["train"], "zero_stage": stage}}
         )
         t = statistics.median(ray_steps(cfg, args.batch, args.steps, threads))
+        results["zero_stages"][stage] = {"ms": t * 1e3, "ratio": t / bare}
         print(
             f"Ray Train + DeepSpeed ZeRO-{stage}:       {t * 1e3:7.1f} ms/step   ratio {t / bare:.2f}x (goal <= 1.10)"
         )
@@ -133,6 +137,7 @@ def main() -> None:
             args.steps, args.batch, " ".join(map(str, args.stages))
         )
     )
+    common.write_json(args.json, "step_overhead", args, results)
 
 
 if __name__ == "__main__":

@@ -41,14 +41,18 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 256, seconds: float = 0.1, device: str = "cpu") -> float:
-    """Dense [size, size] matmul throughput in GFLOP/s, timed for about `seconds`."""
+    """Dense [size, size] matmul throughput in GFLOP/s, timed for about `seconds` (a GPU is
+    synchronized after each matmul, so the time is the device's, not the launches')."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     for _ in range(2):  # warm-up: kernel selection, page faults
         a @ b
+    sync()
     n, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
         a @ b
+        sync()
         n += 1
     return 2 * size**3 * n / elapsed / 1e9
 

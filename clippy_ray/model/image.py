@@ -92,9 +92,19 @@ class ImageTower(nn.Module):
         if subsample:
             patches = keep_random_tokens(patches, self._num_keep(patches.shape[1]))
         x = torch.cat([prefix, patches], dim=1)
+        self._attention_for(images.device)
         x = vit.norm(vit.blocks(vit.norm_pre(x)))
         cls = self.proj(x[:, 0]) if self.has_cls else None
         return cls, self.proj(x[:, self.num_prefix :])
+
+    def _attention_for(self, device: torch.device) -> None:
+        """timm's fused attention runs the flash-attention kernel; on a CPU its explicit
+        softmax(q k^T) v, batched matmuls that use AMX / AVX-512, is several times faster forward
+        and backward (bench/throughput.py). Same math either way."""
+        fused = device.type != "cpu"
+        for module in self.vit.modules():
+            if getattr(module, "fused_attn", fused) != fused:
+                module.fused_attn = fused
 
     def forward_dense(self, images: torch.Tensor) -> torch.Tensor:
         """Per-location projected features, no sub-sampling: [N, 3, H*p, W*p] -> [N, H, W, E]."""

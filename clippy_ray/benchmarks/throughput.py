@@ -1,0 +1,175 @@
+"""Training throughput of one worker and its model FLOP utilization (MFU).
+
+One process runs the real per-worker step (the DeepSpeed engine of the config's ZeRO stage and
+precision, the fused loss, the optimizer) on a fixed synthetic batch; no data loading, no other
+workers. Model FLOPs per sample are counted from the model with torch.utils.flop_counter: 3x the
+forward (matmuls, convolutions, attention; backward = 2x forward), with the config's token
+sub-sampling and without it. MFU = achieved model FLOP/s / the dense matmul peak of the same
+device in the same precision, measured in the same run (and, on CUDA, / the card's datasheet peak).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from clippy_ray import config, precision
+from clippy_ray.benchmarks.common import spread, synchronize
+from clippy_ray.data.transforms import normalize
+from clippy_ray.loss import ContrastiveLoss
+from clippy_ray.model import build_model
+from clippy_ray.tokenizer import build_tokenizer
+
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s; fp32 without TF32.
+# Matched against torch.cuda.get_device_name() in this order (L40S before L4).
+DATASHEET_TFLOPS = (
+    ("H200", {"bf16": 989.0, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
+    ("H100", {"bf16": 989.0, "fp32": 67.0}),  # SXM
+    ("A100", {"bf16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "fp32": 30.3}),
+)
+# torch.utils.flop_counter has no formula for the CPU flash-attention kernel timm's ViT runs
+_EXTRA_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: (
+        sdpa_flop_count(q, k, v)
+    )
+}
+
+
+def datasheet_tflops(device: torch.device, precision_name: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[precision_name] for key, peaks in DATASHEET_TFLOPS if key in name), None)
+
+
+def synthetic_batch(cfg: config.Config, batch: int, dtype: torch.dtype, device: torch.device):
+    """Noise images at the training size and captions of varied length, tokenized as training does."""
+    g = torch.Generator().manual_seed(0)
+    size = cfg.model.image.img_size
+    images = torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+    words = ["a", "small", "red", "star", "next", "to", "two", "blue", "rings", "on", "grey", "ground"]
+    captions = [" ".join(words[(i + j) % len(words)] for j in range(4 + i % 9)) for i in range(batch)]
+    enc = build_tokenizer(cfg.model.text)(captions)
+    return (
+        normalize(images.to(device), dtype),
+        torch.from_numpy(enc["input_ids"]).to(device),
+        torch.from_numpy(enc["attention_mask"]).to(device),
+    )
+
+
+def forward_flops(model: torch.nn.Module, inputs, loss_fn: ContrastiveLoss) -> int:
+    """FLOPs of one forward of the model and the loss on `inputs`, in train mode."""
+    model.train()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+        loss_fn(*model(*inputs))
+    return counter.get_total_flops()
+
+
+def model_flops_per_sample(model, inputs, loss_fn: ContrastiveLoss) -> dict[str, float]:
+    """Training FLOPs per sample (3x forward): as configured, and with every patch token kept."""
+    batch = inputs[0].shape[0]
+    image = model.image
+    as_trained = 3 * forward_flops(model, inputs, loss_fn) / batch
+    keep = (image.keep_ratio, image.keep_count)
+    image.keep_ratio = image.keep_count = None
+    try:
+        all_tokens = 3 * forward_flops(model, inputs, loss_fn) / batch
+    finally:
+        image.keep_ratio, image.keep_count = keep
+    return {"as_trained": as_trained, "all_tokens": all_tokens}
+
+
+@dataclass
+class Setup:
+    cfg: config.Config
+    device: torch.device
+    precision: precision.Choice
+    batch: int
+
+
+def prepare(config_path: str, overrides: list[str], batch: int, device: torch.device) -> Setup:
+    """The config as one worker with `batch` pairs per step in a one-rank process group (what Ray
+    Train gives each worker), precision resolved for `device` as training resolves it."""
+    import torch.distributed as dist
+
+    from clippy_ray.train.loop import agree_precision
+
+    cfg = config.load(
+        config_path,
+        [
+            *overrides,
+            "train.num_workers=1",
+            f"train.global_batch_size={batch}",
+            "train.grad_accum_steps=1",
+            f"train.use_gpu={device.type == 'cuda'}",
+        ],
+    )
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    choice = agree_precision(cfg.train.precision, device, cfg.train.zero_stage)
+    cfg.train.precision = choice.precision
+    return Setup(cfg, device, choice, batch)
+
+
+def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_seconds: float) -> dict:
+    """Warm-up, then `reps` x (dense matmul peak, `steps` timed training steps), interleaved."""
+    from clippy_ray.train.engine import build_engine
+
+    cfg, device, chosen = setup.cfg, setup.device, setup.precision.precision
+    dtype = precision.TORCH_DTYPES[chosen]
+    loss_fn = ContrastiveLoss(precision.matmul_dtype(cfg.loss.matmul_dtype, chosen), cfg.loss.chunk_size)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    flops = model_flops_per_sample(model, synthetic_batch(cfg, setup.batch, torch.float32, device), loss_fn)
+    engine = build_engine(model, cfg.train)
+    inputs = synthetic_batch(cfg, setup.batch, dtype, device)
+
+    def train_steps(n: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            loss = loss_fn(*engine(*inputs))
+            engine.backward(loss)
+            engine.step()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    train_steps(warmup)
+    peaks, rates = [], []
+    for _ in range(reps):
+        peaks.append(precision.matmul_gflops(dtype, peak_size, peak_seconds, str(device)) * 1e9)
+        rates.append(setup.batch * steps / train_steps(steps))
+    achieved = [r * flops["as_trained"] for r in rates]
+    out = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": chosen,
+        "precision_reason": setup.precision.reason,
+        "zero_stage": cfg.train.zero_stage,
+        "batch_per_worker": setup.batch,
+        "parameters": params,
+        "model_flops_per_sample": flops,
+        "images_per_s": spread(rates),
+        "achieved_flops": spread(achieved),
+        "matmul_peak_flops": spread(peaks),
+        "matmul_peak_size": peak_size,
+        "mfu_vs_measured_peak": spread([a / p for a, p in zip(achieved, peaks)]),
+    }
+    sheet = datasheet_tflops(device, chosen)
+    if sheet:
+        out["datasheet_peak_flops"] = sheet * 1e12
+        out["mfu_vs_datasheet"] = spread([a / (sheet * 1e12) for a in achieved])
+    return out
