@@ -205,9 +205,13 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
             "train.keep_checkpoints=3",
             "train.zero_stage=2",
             "train.precision=bf16",
+            "train.wandb.mode=offline",
         )
     )
     assert first.metrics["step"] == 12
+    # the W&B files travel with the run to its storage (a scaled-down node takes its disk with it)
+    wandb_runs = storage.info(f"{uri}/resume/wandb")
+    assert wandb_runs.type.name == "Directory"
     losses = first.metrics_dataframe.sort_values("step")["loss"].tolist()
     assert len(losses) == 2 and losses[1] < losses[0], losses  # mean loss of steps 7-12 < steps 1-6
     ckpt12 = f"{uri}/resume/step_00000012"

@@ -8,6 +8,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from clippy_ray import config, storage
 
@@ -27,7 +28,7 @@ def open_wandb(cfg: config.Config):
     root = (
         storage.join(cfg.train.storage, cfg.train.run_name)
         if not storage.is_s3(cfg.train.storage)
-        else str(storage.cache_dir() / "wandb")
+        else str(storage.cache_dir() / "wandb" / cfg.train.run_name)  # copied to the run's storage: sync_wandb
     )
     os.makedirs(root, exist_ok=True)
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", cfg.train.run_name)[:64]
@@ -130,8 +131,20 @@ class Progress:
 
     def checkpoint(self, step: int) -> None:
         self._send("checkpoint", f"step {step}/{self.total} checkpoint saved", step)
+        self.sync_wandb()
+
+    def sync_wandb(self) -> None:
+        """With s3:// storage the W&B files are written on this node's disk, which an autoscaled node
+        takes with it: copy them to `<storage>/<run>/wandb/` (at each checkpoint and at the end)."""
+        if self.wandb is None or not storage.is_s3(self.cfg.train.storage):
+            return
+        local = Path(self.wandb.dir).parent  # wandb/<offline-run-...>/files -> the run's folder
+        remote = storage.join(self.cfg.train.storage, self.cfg.train.run_name, "wandb", local.name)
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            storage.upload(path, storage.join(remote, str(path.relative_to(local))))
 
     def finish(self) -> None:
         self._send("done", f"training done in {duration(time.perf_counter() - self.started)}", self.total)
         if self.wandb is not None:
             self.wandb.finish()
+            self.sync_wandb()
