@@ -99,37 +99,17 @@ def test_handoff_export_loads_without_deepspeed_and_gives_the_engines_embeddings
 
 
 def test_bad_train_config_is_one_error_line_before_any_worker_starts():
-    bin_ = Path(sys.executable).parent / "clippy-ray"
-    out = subprocess.run(
-        [
-            str(bin_),
-            "train",
-            "train.zero_stage=5",
-            "train.lr=-0.1",
-            "train.global_batch_size=30",
-            "train.num_workers=4",
-            "model.nope=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = ["train.zero_stage=5", "train.lr=-0.1", "train.global_batch_size=30", "train.num_workers=4"]
+
+    def train(*overrides: str) -> subprocess.CompletedProcess:
+        bin_ = Path(sys.executable).parent / "clippy-ray"
+        return subprocess.run([str(bin_), "train", *overrides], capture_output=True, text=True, timeout=120)
+
+    out = train(*bad, "model.nope=1")
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "ray" not in out.stdout.lower()
     assert "model.nope: unknown key" in out.stderr  # unknown keys stop the build before validation
-    out = subprocess.run(
-        [
-            str(bin_),
-            "train",
-            "train.zero_stage=5",
-            "train.lr=-0.1",
-            "train.global_batch_size=30",
-            "train.num_workers=4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = train(*bad)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert any("train.zero_stage: 5 is not a DeepSpeed ZeRO stage (0, 1, 2 or 3)" in line for line in lines)
