@@ -60,8 +60,8 @@ class Model(CLIPpy):
         """Token ids [N, L] (the tokenizer's `input_ids`; mask: every non-pad token unless given) ->
         L2-normalized [N, E]."""
         device = next(self.parameters()).device
-        mask = None if attention_mask is None else attention_mask.to(device)
-        return super().encode_text(input_ids.to(device), mask).float()
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=device)
+        return super().encode_text(torch.as_tensor(input_ids, device=device), mask).float()
 
     def segment(
         self,

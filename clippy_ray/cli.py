@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"config: {args.config or 'defaults'}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
         )
         result = fit(cfg, init_from=args.init_from, init_mode=args.from_mode, console=console)
-        uri = checkpoint_uri(cfg, result)
+        uri = checkpoint_uri(cfg, result.checkpoint)
         if uri is not None:
             console.line(
                 "final metrics: "

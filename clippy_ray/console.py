@@ -188,8 +188,7 @@ def run_logs(folder: str | None, verbose: bool = False):
         handler.close()
         logging.captureWarnings(False)
         if folder is not None and storage.is_s3(folder):
-            for path in sorted(p for p in local.rglob("*") if p.is_file()):
-                storage.upload(path, storage.join(folder, "logs", str(path.relative_to(local))))
+            storage.upload(local, storage.join(folder, "logs"))
 
 
 def _copy_ray_logs(dest: Path) -> None:

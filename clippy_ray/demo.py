@@ -36,7 +36,7 @@ def run_demo(cfg: config.Config, console: Console, rows: int = 6000, eval_rows: 
     else:
         console.line(f"benchmark already in {data_root}")
     result = fit(cfg, console=console)
-    checkpoint = checkpoint_uri(cfg, result)
+    checkpoint = checkpoint_uri(cfg, result.checkpoint)
     run = storage.join(cfg.train.storage, cfg.train.run_name)
     summary = {
         "data": data_root,

@@ -31,11 +31,15 @@ def is_s3(uri: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
+def _resolved_region(bucket: str) -> str:
+    return pafs.resolve_s3_region(bucket)  # raises, so a passing failure is not cached
+
+
 def bucket_region(bucket: str) -> str:
     """The AWS region a bucket lives in (one HEAD request), us-east-1 if it cannot be asked: a
     client pointed at the wrong region gets HTTP 301 for every request."""
     try:
-        return pafs.resolve_s3_region(bucket)
+        return _resolved_region(bucket)
     except (OSError, ValueError):
         return "us-east-1"
 

@@ -93,6 +93,10 @@ def test_encode_text_without_a_mask_equals_the_tokenizers_mask(tiny_handoff):
     ids, mask = torch.from_numpy(tokens["input_ids"]), torch.from_numpy(tokens["attention_mask"])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(ids), model.encode_text(ids, mask))
+        # the tokenizer's own numpy arrays go in as they are
+        torch.testing.assert_close(
+            model.encode_text(tokens["input_ids"], tokens["attention_mask"]), model.encode_text(ids)
+        )
         dense = model.dense_features(preprocess(Image.new("RGB", (50, 40), "red"))[None])
     assert dense.shape == (1, 4, 4, model.image.proj.out_features)  # 32 px, patch 8
     torch.testing.assert_close(dense.norm(dim=-1), torch.ones(1, 4, 4))

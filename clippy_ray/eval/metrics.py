@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from clippy_ray.errors import InputError
+
 IGNORE = 255
 
 
@@ -23,7 +25,7 @@ def confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int, ignore: int
     t = truth[valid].astype(np.int64)
     p = pred[valid].astype(np.int64)
     if t.size and (t.max() >= num_classes or t.min() < 0):
-        raise ValueError(f"truth label {int(t.max())} outside 0..{num_classes - 1} (and not the ignore label {ignore})")
+        raise InputError(f"truth label {int(t.max())} outside 0..{num_classes - 1} (and not the ignore label {ignore})")
     if p.size and (p.max() >= num_classes or p.min() < 0):
         raise ValueError(f"predicted label {int(p.max())} outside 0..{num_classes - 1}")
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from clippy_ray.config import TextConfig
+from clippy_ray.errors import InputError
 
 T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
@@ -32,7 +33,8 @@ def text_config(cfg: TextConfig, vocab_size: int) -> PretrainedConfig:
     try:
         return AutoConfig.for_model(cfg.model_type, **overrides)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"model.text.model_type={cfg.model_type!r} / hf_config: {err}") from None
+        reason = str(err).split(". Should contain")[0]  # not transformers' list of every model type
+        raise InputError(f"model.text.model_type={cfg.model_type!r} / hf_config: {reason}") from None
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from clippy_ray.tokenizer import build_tokenizer
 from clippy_ray.train.checkpoint import DEEPSPEED_TAG, full_state_dict, load_shards
 from clippy_ray.train.engine import build_engine
 from clippy_ray.train.progress import Progress
+from clippy_ray.train.trainer import checkpoint_uri
 
 
 @dataclass
@@ -56,11 +57,11 @@ def _next_batch(iterator, device):
 def agree_precision(requested: str, device: torch.device, zero_stage: int = 1) -> precision.Choice:
     """train.precision resolved on every rank, the same everywhere (DeepSpeed needs one dtype):
     bf16 only if every worker's device runs it natively, and ZeRO keeps the gradients in fp32."""
+    if requested == "auto" and zero_stage == 0:
+        return precision.Choice("fp32", "train.zero_stage=0: DeepSpeed would keep bf16 gradients in bf16")
     choice = precision.choose(requested, device)
     if requested != "auto":
         return choice
-    if zero_stage == 0:
-        return precision.Choice("fp32", "train.zero_stage=0: DeepSpeed would keep bf16 gradients in bf16")
     if _all_true(choice.precision == "bf16", device):
         return choice
     if choice.precision == "bf16":
@@ -162,7 +163,7 @@ def train_loop(loop_config: dict) -> None:
     # Restore: this run's latest checkpoint, else the full state of the one given with --from
     state = TrainState()
     if checkpoint is not None:
-        source = f"s3://{checkpoint.path}" if storage.is_s3(cfg.train.storage) else checkpoint.path
+        source = checkpoint_uri(cfg, checkpoint)
         with checkpoint.as_directory() as folder:
             state = restore(engine, folder, source)
     elif init_from and not from_weights:

@@ -139,9 +139,7 @@ class Progress:
         if self.wandb is None or not storage.is_s3(self.cfg.train.storage):
             return
         local = Path(self.wandb.dir).parent  # wandb/<offline-run-...>/files -> the run's folder
-        remote = storage.join(self.cfg.train.storage, self.cfg.train.run_name, "wandb", local.name)
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
-            storage.upload(path, storage.join(remote, str(path.relative_to(local))))
+        storage.upload(local, storage.join(self.cfg.train.storage, self.cfg.train.run_name, "wandb", local.name))
 
     def finish(self) -> None:
         self._send("done", f"training done in {duration(time.perf_counter() - self.started)}", self.total)

@@ -23,12 +23,11 @@ def run_storage(uri: str) -> tuple[str, object | None]:
     return os.path.abspath(uri), None
 
 
-def checkpoint_uri(cfg: config.Config, result) -> str | None:
-    """The URI of a Result's checkpoint: with an S3 filesystem Ray reports bucket/prefix only."""
-    if result.checkpoint is None:
+def checkpoint_uri(cfg: config.Config, checkpoint) -> str | None:
+    """The URI of a Ray Checkpoint (or None): with an S3 filesystem Ray reports bucket/prefix only."""
+    if checkpoint is None:
         return None
-    path = result.checkpoint.path
-    return f"s3://{path}" if storage.is_s3(cfg.train.storage) else path
+    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.train.storage) else checkpoint.path
 
 
 def describe(cfg: config.Config) -> list[str]:

@@ -39,7 +39,7 @@ def run_trial(params: dict, sweep: dict, trials: dict) -> None:
     result = fit(cfg, callbacks=[TuneReportCallback()])
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     final["finished"] = 1
-    ckpt = checkpoint_uri(cfg, result)
+    ckpt = checkpoint_uri(cfg, result.checkpoint)
     if sw.eval_data and ckpt is not None:
         out = storage.join(sw.storage, sw.name, "eval", name)
         report = run_eval(
@@ -89,13 +89,15 @@ def check_inputs(sweep: SweepConfig, trials: list[config.Config]) -> None:
     only) and storage bucket, and the evaluation data. The first problem is one line."""
     from clippy_ray.train.trainer import check_data, check_storage, check_weights
 
-    datasets = set()
+    datasets, weights = set(), set()
     for trial in trials:
-        d = trial.data
+        d, m = trial.data, trial.model
         if (d.train, d.val, d.image_column, d.caption_column) not in datasets:
             datasets.add((d.train, d.val, d.image_column, d.caption_column))
             check_data(trial)
-        check_weights(trial)
+        if (m.image.pretrained, m.text.pretrained, m.text.tokenizer) not in weights:
+            weights.add((m.image.pretrained, m.text.pretrained, m.text.tokenizer))
+            check_weights(trial)
     check_storage(trials[0])
     if sweep.eval_data:
         storage.require(sweep.eval_data, "eval_data", "upload the evaluation data or fix the URI")
@@ -104,23 +106,20 @@ def check_inputs(sweep: SweepConfig, trials: list[config.Config]) -> None:
 def dry_run(sweep: SweepConfig, trials: list[config.Config]) -> list[str]:
     """The sweep's plan (the first trial's run plan, then one line per trial) after checking its
     data, every trial's weights and the evaluation data are reachable; nothing is started."""
-    from clippy_ray.train.trainer import check_weights
-    from clippy_ray.train.trainer import dry_run as run_plan
+    from clippy_ray.train.trainer import describe
 
+    check_inputs(sweep, trials)
     lines = [
         f"sweep {sweep.name}: {len(trials)} trials, at most {sweep.max_concurrent_trials} at once, "
         f"scheduler {sweep.scheduler.name}, under {storage.join(sweep.storage, sweep.name)}"
     ]
-    lines += run_plan(trials[0])
+    lines += describe(trials[0])
     for setting, trial in zip(settings(sweep), trials):
-        check_weights(trial)  # each trial's inits can differ
         t = trial.train
         lines.append(
             f"trial {label(sweep, setting)}: {t.num_workers} workers x {t.cpus_per_worker} CPU"
             f"{' + 1 GPU' if t.use_gpu else ''}, {t.steps} steps"
         )
-    if sweep.eval_data and not storage.exists(sweep.eval_data):
-        raise storage.StorageError(f"eval_data={sweep.eval_data}: not found; upload the evaluation data or fix the URI")
     if note := asha_never_stops(sweep, trials):
         lines.append(f"note: {note}")
     return lines
