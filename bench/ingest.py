@@ -145,7 +145,6 @@ def main() -> None:
     parser.add_argument("--block-mib", type=int, default=DataConfig.block_mib)
     parser.add_argument("--decode-cpus", type=float, default=DataConfig.decode_cpus)
     parser.add_argument("--read-cpus", type=float, default=DataConfig.read_cpus)
-    parser.add_argument("--footer-readers", type=int, default=DataConfig.footer_readers)
     common.add_json_argument(parser)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -156,7 +155,6 @@ def main() -> None:
         shuffle_buffer=args.shuffle_buffer,
         decode_cpus=args.decode_cpus,
         read_cpus=args.read_cpus,
-        footer_readers=args.footer_readers,
     )
     text = TextConfig(tokenizer="byte", max_length=64)
     runs = []

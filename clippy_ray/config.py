@@ -120,7 +120,7 @@ class DataConfig:
     image_column: str = "image"  # encoded bytes, or an HF datasets {bytes, path} struct
     caption_column: str = "caption"
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (0: off)
-    seed: int = 0  # file order and local shuffle are seeded per epoch from this
+    seed: int = 0  # file order (per epoch) and the local shuffle are seeded from this
     min_crop_scale: float = 0.5  # random resized crop area range [min_crop_scale, 1]
     decode_batch_size: int = 256  # rows per map_batches call (224 px: 38 MiB decoded, one block of its own)
     decode_cpus: float = 0.9  # CPUs each decode task asks Ray for; with read_cpus, lets N decoders and
@@ -128,15 +128,12 @@ class DataConfig:
     read_cpus: float = 0.1  # CPUs each parquet read task asks for: reads mostly wait on I/O
     block_mib: int = 32  # Ray Data block size: one read block (~1-2k encoded images) is one decode task;
     #                      larger blocks mean fewer task hand-overs, smaller ones a shorter end of epoch
-    footer_readers: int = 1  # actors Ray starts per epoch to read the parquet footers. Ray's default, 32,
-    #                          costs seconds of process start-up per epoch on a small machine (2 cores:
-    #                          first batch 5.2 s with 32, 2.9 s with 1); raise it for 10k+ files on S3
 
     def check(self, path: str) -> list[str]:
         errors = out_of_range(path, self, ">= 0", ("shuffle_buffer",))
         if not 0 < self.min_crop_scale <= 1:
             errors.append(f"{path}.min_crop_scale: {self.min_crop_scale} must be in (0, 1]")
-        errors += out_of_range(path, self, ">= 1", ("decode_batch_size", "block_mib", "footer_readers"))
+        errors += out_of_range(path, self, ">= 1", ("decode_batch_size", "block_mib"))
         return errors + out_of_range(path, self, "> 0", ("decode_cpus", "read_cpus"))
 
 

@@ -239,3 +239,13 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
     except OSError as err:
         raise describe(uri, err) from None
+
+
+def read_bytes(uri: str) -> bytes:
+    """The contents of one file at `uri` (local or s3), read now (no cache)."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, FileNotFoundError) as err:
+        raise describe(uri, err) from None

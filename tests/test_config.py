@@ -29,7 +29,7 @@ def test_yaml_plus_dotted_overrides_fill_the_dataclasses(tmp_path):
         (["model.token_keep_ratio=0.5", "model.token_keep_count=10"], "set one, not both"),
         (["loss.matmul_dtype=fp8"], "loss.matmul_dtype: 'fp8' is not one of auto, bfloat16, float32"),
         (["model.image.timm_kwargs={num_classes: 10}"], "model.image.timm_kwargs.num_classes: set by clippy-ray"),
-        (["data.footer_readers=0"], "data.footer_readers: 0 must be >= 1"),
+        (["data.block_mib=0"], "data.block_mib: 0 must be >= 1"),
         (["aggregation"], "overrides are key=value"),
     ],
 )

@@ -1,5 +1,5 @@
 import io
-import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +12,9 @@ from clippy_ray import storage
 from clippy_ray.config import DataConfig, TextConfig
 from clippy_ray.data import benchmark as bm
 from clippy_ray.data.commands import convert, inspect, make_benchmark
-from clippy_ray.data.pipeline import BatchStream, build_dataset, read_parquet
-from clippy_ray.data.schema import DataSchemaError
+from clippy_ray.data.pipeline import BatchStream, build_dataset
+from clippy_ray.data.plan import DataFile, list_files, pieces
+from clippy_ray.data.schema import DataSchemaError, check_dataset
 
 TEXT = TextConfig(tokenizer="byte", max_length=24)
 SPEC = bm.BenchmarkSpec(seed=3, image_size=48)
@@ -81,42 +82,58 @@ def test_empty_and_missing_captions_and_missing_images_are_skipped_and_counted(r
     assert len(batches) == 1 and stream.rows_skipped == 3
 
 
-def test_wrong_schema_fails_at_start_with_one_line_listing_the_columns(ray_local, tmp_path):
+def test_wrong_schema_fails_at_start_with_one_line_listing_the_columns(tmp_path):
     pq.write_table(pa.table({"img": [png()], "caption": ["x"]}), tmp_path / "w.parquet")
     with pytest.raises(DataSchemaError) as err:
-        read_parquet(str(tmp_path / "w.parquet"), ["image", "caption"], DataConfig())
+        check_dataset(str(tmp_path / "w.parquet"), "data.train", "image", "caption")
     message = str(err.value)
     assert "no image column 'image' (set data.image_column)" in message
     assert "columns found: img (binary), caption (string)" in message and "\n" not in message
 
 
-def test_file_order_is_seeded_per_epoch_and_replayed_by_a_resumed_run(ray_local, tmp_path):
-    for shard in range(6):
-        pq.write_table(pa.table({"image": [png()], "caption": [f"shard {shard}"]}), tmp_path / f"p{shard}.parquet")
-    ray_local.data.DataContext.get_current().execution_options.preserve_order = True
-    try:
-        cfg = DataConfig(seed=5)
-
-        def order(ds):
-            return [r["caption"] for r in ds.iter_rows()]
-
-        ds = read_parquet(str(tmp_path), ["image", "caption"], cfg)
-        epochs = [order(ds) for _ in range(3)]  # each iteration is one execution = one epoch
-        assert len({tuple(e) for e in epochs}) > 1  # the order changes with the epoch
-        resumed = read_parquet(str(tmp_path), ["image", "caption"], cfg, first_epoch=2)
-        assert order(resumed) == epochs[2]
-    finally:
-        ray_local.data.DataContext.get_current().execution_options.preserve_order = False
+def numbered_files(folder: Path, sizes: list[int], row_group: int = 16) -> list:
+    """Parquet files of `sizes` rows each, captions "<file>:<row>", small row groups."""
+    folder.mkdir(exist_ok=True)
+    for f, n in enumerate(sizes):
+        table = pa.table({"image": [b"x"] * n, "caption": [f"{f}:{r}" for r in range(n)]})
+        pq.write_table(table, folder / f"part-{f}.parquet", row_group_size=row_group)
+    return list_files(str(folder))
 
 
-def test_footer_readers_reach_rays_parquet_footer_indexer_and_the_environment_is_restored(ray_local, tmp_path):
-    pq.write_table(pa.table({"image": [png()], "caption": ["a"]}), tmp_path / "a.parquet")
-    ds = read_parquet(str(tmp_path), ["image", "caption"], DataConfig(footer_readers=3))
-    op = ds._logical_plan.dag
-    while op.input_dependencies:
-        op = op.input_dependencies[0]
-    assert type(op).__name__ == "ListFiles" and op.file_indexer._num_actors == 3
-    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
+def test_a_plan_from_any_position_is_the_tail_of_the_plan_from_zero_across_epochs():
+    files = [DataFile(f"f{i}", rows, rows * 100) for i, rows in enumerate([5, 3, 7, 0, 4])]  # 19 rows an epoch
+
+    def rows(start: int, count: int) -> list:
+        return [
+            (p.uri, r, p.position + r - p.start) for p in pieces(files, 1, start, count) for r in range(p.start, p.stop)
+        ]
+
+    full = rows(0, 80)
+    assert [pos for *_, pos in full] == list(range(len(full)))
+    epochs = [sorted((u, r) for u, r, _ in full[e * 19 : (e + 1) * 19]) for e in range(4)]
+    assert all(e == epochs[0] for e in epochs)  # every epoch reads each row once...
+    assert len({tuple(u for u, *_ in full[e * 19 : (e + 1) * 19]) for e in range(4)}) > 1  # ...in a new file order
+    for start in range(60):
+        tail = rows(start, 80 - start)
+        assert tail[: 80 - start] == full[start:80], start
+    assert pieces(files, 1, 0, 19, shuffle=False)[0].uri == "f0"
+
+
+def test_a_stream_started_at_a_position_reads_only_what_comes_after_it(ray_local, tmp_path):
+    from clippy_ray.data.pipeline import read_plan
+
+    files = numbered_files(tmp_path / "d", [50, 30, 70, 45])
+    cfg = DataConfig(block_mib=1)
+
+    def read(start: int, count: int) -> list:
+        rows = read_plan(pieces(files, 3, start, count), ["image", "caption"], cfg).iter_rows()
+        return sorted((int(r["position"]), r["caption"]) for r in rows)
+
+    full = read(0, 400)
+    assert [pos for pos, _ in full] == list(range(len(full))) and len(full) >= 400
+    for start in (7, 123, 333):  # in a row group, in another file, in the second epoch
+        assert read(start, 50) == full[start : start + len(read(start, 50))]
+        assert read(start, 50)[0][0] == start
 
 
 def numbered_blocks(ray, rows: int, block_rows: int):

@@ -1,6 +1,9 @@
 """Ray Data pipeline: parquet (local or s3://) -> decode + augment + tokenize in map_batches ->
 fixed-size batches of valid rows on each training worker.
 
+Rows come in the order of a plan (`clippy_ray.data.plan`): each carries its data position, and a
+stream can start at any position without reading what came before it.
+
 Bad rows (undecodable image, empty caption, missing value) are flagged `valid = 0` by the decode
 step and dropped, and counted, where batches are assembled (`BatchStream`), so no row is lost
 silently and every batch still has exactly `batch_size` rows (the gathered loss needs that).
@@ -10,61 +13,73 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data import FileShuffleConfig
 
 from clippy_ray import storage
 from clippy_ray.config import DataConfig, TextConfig
-from clippy_ray.data.schema import check_columns, image_bytes
+from clippy_ray.data.plan import DataFile, Piece, list_files, pieces
+from clippy_ray.data.schema import image_bytes
 from clippy_ray.data.transforms import load_image
-
-FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-
-
-@dataclass
-class EpochFileShuffle(FileShuffleConfig):
-    """File order seeded by (seed, epoch). Ray re-seeds with the execution index, which starts at
-    0 in every new driver; offsetting it by `first_epoch` lets a resumed run replay the order the
-    interrupted run would have seen from that epoch on."""
-
-    first_epoch: int = 0
-
-    def get_seed(self, execution_idx: int = 0) -> int | None:
-        return hash((self.seed, self.first_epoch + execution_idx)) % (2**32)
+from clippy_ray.errors import InputError
 
 
-def read_parquet(uri: str, columns: list[str], cfg: DataConfig, first_epoch: int = 0) -> ray.data.Dataset:
-    """Parquet file or folder at `uri`, only `columns`, file order shuffled per epoch.
-    Fails at once, naming the URI and the columns found, if the image or caption column is wrong."""
-    fs, path = storage.resolve(uri)
-    # Ray reads this when read_parquet builds its footer indexer (here, in this process); the
-    # indexer then starts that many actors at the start of every epoch.
-    previous = os.environ.get(FOOTER_READERS_ENV)
-    os.environ[FOOTER_READERS_ENV] = str(cfg.footer_readers)
-    try:
-        ds = ray.data.read_parquet(
-            path,
-            filesystem=fs,
-            num_cpus=cfg.read_cpus,
-            shuffle=EpochFileShuffle(seed=cfg.seed, first_epoch=first_epoch),
-        )
-        schema = ds.schema()  # parquet footers only; nothing is decoded yet
-    except OSError as err:
-        raise storage.describe(uri, err) from None
-    finally:
-        if previous is None:
-            os.environ.pop(FOOTER_READERS_ENV, None)
-        else:
-            os.environ[FOOTER_READERS_ENV] = previous
-    check_columns(schema.base_schema, uri, cfg.image_column, cfg.caption_column)
-    return ds.select_columns(columns)  # pushed down into the parquet read
+def _read_pieces(batch: dict, columns: list[str], block_bytes: int) -> Iterator[pa.Table]:
+    """One map_batches call per piece (rows [start, stop) of a file): those rows in blocks of
+    about `block_bytes` encoded, with a `position` column (each row's data position). Row groups
+    before `start` are not read."""
+    for uri, start, stop, position in zip(batch["uri"], batch["start"], batch["stop"], batch["position"]):
+        start, stop, position = int(start), int(stop), int(position)
+        fs, path = storage.resolve(uri)
+        try:
+            with fs.open_input_file(path) as handle:
+                parquet = pq.ParquetFile(handle)
+                meta = parquet.metadata
+                missing = [c for c in columns if c not in parquet.schema_arrow.names]
+                if missing:
+                    raise InputError(f"{uri}: no column {missing[0]!r}; every file of the dataset needs {columns}")
+                groups, row, first = [], 0, 0  # the row groups holding [start, stop); `first`: their first row
+                for g in range(meta.num_row_groups):
+                    n = meta.row_group(g).num_rows
+                    if row < stop and row + n > start:
+                        first = first if groups else row
+                        groups.append(g)
+                    row += n
+                skip, left = start - first, stop - start
+                block_rows = max(1, int(block_bytes * meta.num_rows / max(handle.size(), 1)))
+                for record_batch in parquet.iter_batches(batch_size=block_rows, row_groups=groups, columns=columns):
+                    cut = min(skip, record_batch.num_rows)
+                    table = pa.Table.from_batches([record_batch]).slice(cut, left)
+                    skip -= cut
+                    if table.num_rows:
+                        yield table.append_column("position", pa.array(np.arange(position, position + table.num_rows)))
+                        position += table.num_rows
+                        left -= table.num_rows
+                    if left == 0:
+                        break
+        except OSError as err:
+            raise storage.describe(uri, err) from None
+
+
+def read_plan(plan: list[Piece], columns: list[str], cfg: DataConfig) -> ray.data.Dataset:
+    """The rows of `plan` (pieces of parquet files), in plan order up to Ray's task concurrency,
+    each with its `position`."""
+    items = [asdict(p) for p in plan]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
+    return ds.map_batches(
+        _read_pieces,
+        fn_kwargs={"columns": columns, "block_bytes": cfg.block_mib * 2**20},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=cfg.read_cpus,
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,19 +120,31 @@ def preprocess_batch(
             continue
         valid[i] = 1
     tokens = _tokenizer(text_cfg)(captions)
-    return {
-        "image": images,
-        "input_ids": tokens["input_ids"],
-        "attention_mask": tokens["attention_mask"],
-        "valid": valid,
-    }
+    out = {"image": images, "valid": valid, "input_ids": tokens["input_ids"]}
+    out["attention_mask"] = tokens["attention_mask"]
+    if "position" in batch:
+        out["position"] = np.asarray(batch["position"], np.int64)
+    return out
 
 
 def build_dataset(
-    uri: str, data_cfg: DataConfig, text_cfg: TextConfig, image_size: int, train: bool, first_epoch: int = 0
+    uri: str,
+    data_cfg: DataConfig,
+    text_cfg: TextConfig,
+    image_size: int,
+    train: bool,
+    start: int = 0,
+    rows: int | None = None,
+    files: list[DataFile] | None = None,
 ) -> ray.data.Dataset:
-    """The streaming dataset the training loop consumes (one row per input row, bad ones flagged)."""
-    ds = read_parquet(uri, [data_cfg.image_column, data_cfg.caption_column], data_cfg, first_epoch)
+    """The stream the training loop consumes: `rows` rows (default: one epoch) from data position
+    `start` on, one output row per input row (bad ones flagged), each with its `position`. In
+    training each epoch reads the files in a new seeded order; otherwise in sorted order, so
+    `rows` always selects the same rows."""
+    files = files if files is not None else list_files(uri)
+    per_epoch = sum(f.rows for f in files)
+    plan = pieces(files, data_cfg.seed, start, per_epoch if rows is None else rows, shuffle=train)
+    ds = read_plan(plan, [data_cfg.image_column, data_cfg.caption_column], data_cfg)
     # Set on this dataset's own context (the datasets derived from it, including what Ray Train
     # streams, inherit it; the process-wide DataContext is left alone).
     # One read block of encoded images is one decode task. Ray's default of 128 MiB makes a whole
@@ -176,6 +203,7 @@ class BatchStream:
         self.rows_seen = 0
         self.rows_skipped = 0
         self.rows_dropped = 0
+        self.first_position: int | None = None  # the lowest data position among the rows seen
         self._reset()
 
     def _reset(self) -> None:
@@ -185,11 +213,16 @@ class BatchStream:
         self._keys = itertools.count()
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over the source; `epoch` seeds the shuffle buffer's draws (training passes the
+        data position the stream starts at)."""
         rng = np.random.default_rng(zlib.crc32(f"{self.seed}:{epoch}".encode()))
         self._reset()
         fill = self.shuffle_buffer + self.batch_size
         for block in self.source.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             valid = block.pop("valid")
+            if "position" in block and len(valid):
+                low = int(block["position"].min())
+                self.first_position = low if self.first_position is None else min(self.first_position, low)
             keep = np.flatnonzero(valid)
             self.rows_seen += len(valid)
             self.rows_skipped += len(valid) - len(keep)

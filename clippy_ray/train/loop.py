@@ -15,8 +15,9 @@ import torch.distributed as dist
 from clippy_ray import config, precision
 from clippy_ray.console import emitter
 from clippy_ray.data.pipeline import BatchStream
+from clippy_ray.data.plan import epoch_of
 from clippy_ray.data.transforms import normalize
-from clippy_ray.loss import ContrastiveLoss, gather_with_grad
+from clippy_ray.loss import ContrastiveLoss, blockwise_loss, gather_with_grad
 from clippy_ray.model import build_model
 from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff, load_weights
 from clippy_ray.tokenizer import build_tokenizer
@@ -28,9 +29,14 @@ from clippy_ray.train.trainer import checkpoint_uri
 
 @dataclass
 class TrainState:
+    """What a checkpoint records besides the weights. `data_position`: the rows the training stream
+    had handed to all workers when it was taken (`clippy_ray.data.plan`); the next attempt's stream
+    starts there. Rows still in the workers' shuffle buffers then are not trained on; rows the
+    stream had read ahead of them are not counted, so they are read again."""
+
     step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro batches this worker consumed in `epoch`
+    data_position: int = 0
+    epoch: int = 0  # the epoch data_position falls in (for people: each epoch reads every row once)
 
 
 def _all_true(flag: bool, device: torch.device) -> bool:
@@ -47,6 +53,16 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device, total: tupl
     dist.all_reduce(t)
     world = dist.get_world_size()
     return {k: (v if k in total else v / world) for k, v in zip(names, t.tolist())}
+
+
+def _first(stream: BatchStream) -> float:
+    return float("inf") if stream.first_position is None else float(stream.first_position)
+
+
+def _min_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item()
 
 
 def _next_batch(iterator, device):
@@ -77,31 +93,31 @@ def _inputs(batch: dict, device: torch.device, dtype: torch.dtype):
     )
 
 
-def validate(engine, shard, cfg: config.Config, dtype: torch.dtype, loss_fn: ContrastiveLoss) -> dict[str, float]:
-    """Validation loss and zero-shot retrieval (image->text, text->image top-1 over all val pairs
-    gathered from every worker)."""
+def validate(engine, shard, cfg: config.Config, dtype: torch.dtype) -> dict[str, float]:
+    """On the fixed validation subset (the same rows every time, `trainer.val_rows`): the
+    contrastive loss over the whole subset at once and zero-shot retrieval (image->text,
+    text->image top-1), both independent of how the rows were split between the workers."""
     engine.eval()
     stream = BatchStream(shard, cfg.train.micro_batch_size)
     it = iter(stream.epoch(0))
-    losses, images, texts = [], [], []
+    images, texts = [], []
     with torch.no_grad():
         for _ in range(cfg.train.val_batches):
             ok, batch = _next_batch(it, engine.device)
             if not ok:
                 break
             img, txt, scale = engine(*_inputs(batch, engine.device, dtype))
-            losses.append(loss_fn(img, txt, scale).item())
             images.append(gather_with_grad(img.float()))
             texts.append(gather_with_grad(txt.float()))
     engine.train()
-    if not losses:
+    if not images:
         return {}
     img, txt = torch.cat(images), torch.cat(texts)
+    val_loss = blockwise_loss(img, txt, img, txt, scale.float(), 0, torch.float32)
     sim = img @ txt.T
     target = torch.arange(len(img), device=sim.device)
-    val_loss = _mean_over_ranks({"val_loss": sum(losses) / len(losses)}, engine.device)["val_loss"]
     return {
-        "val_loss": val_loss,
+        "val_loss": val_loss.item(),
         "val_i2t_top1": (sim.argmax(1) == target).float().mean().item(),
         "val_t2i_top1": (sim.argmax(0) == target).float().mean().item(),
         "val_pairs": float(len(img)),
@@ -122,7 +138,7 @@ def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokeni
             with open(os.path.join(tmp, "train_state.json"), "w") as f:
                 json.dump({**asdict(state), **metrics}, f)
         ray.train.report(
-            {**metrics, "step": state.step, "epoch": state.epoch},
+            {**metrics, **asdict(state)},  # data_position: what trainer.resume_point reads back
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"step_{state.step:08d}",
         )
@@ -132,7 +148,8 @@ def restore(engine, checkpoint_dir: str, source: str) -> TrainState:
     """Resume the full state (weights, optimizer, schedule, data position) from a checkpoint folder's
     DeepSpeed shards, read without running pickled code; `source` (its URI) names a bad shard."""
     client = load_shards(engine, checkpoint_dir, source)
-    return TrainState(**client["train_state"]) if client else TrainState()
+    saved = (client or {}).get("train_state") or {}
+    return TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
 
 
 def train_loop(loop_config: dict) -> None:
@@ -171,7 +188,8 @@ def train_loop(loop_config: dict) -> None:
     if state.step >= cfg.train.steps:
         return
 
-    # Loop
+    # Loop: one pass over a stream that starts at the restored data position (the dataset factory,
+    # trainer.TrainStream, built it from the same checkpoint) and covers every remaining step
     stream = BatchStream(
         ray.train.get_dataset_shard("train"),
         cfg.train.micro_batch_size,
@@ -179,61 +197,59 @@ def train_loop(loop_config: dict) -> None:
         seed=cfg.data.seed * 1_000_003 + rank,
     )
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
+    rows_per_epoch = loop_config.get("rows_per_epoch") or 0
     progress = Progress(cfg, enabled=rank == 0, emit=emitter(loop_config.get("events")), start_step=state.step)
-    progress.start("GPU" if device.type == "cuda" else "CPU", choice.reason)
+    epoch = epoch_of(state.data_position, rows_per_epoch)
+    progress.start("GPU" if device.type == "cuda" else "CPU", choice.reason, state.data_position, epoch)
     accum, micro = cfg.train.grad_accum_steps, 0
     window = {"loss": 0.0, "n": 0}
+    start = state.data_position
+    batches = iter(stream.epoch(start))
     while state.step < cfg.train.steps:
-        batches = iter(stream.epoch(state.epoch))
-        resumed_mid_epoch = state.batches_in_epoch > 0
-        for _ in range(state.batches_in_epoch):  # fast-forward to the saved data position
-            next(batches, None)
-        got_any = False
-        while state.step < cfg.train.steps:
-            wait_start = time.perf_counter()
-            ok, batch = _next_batch(batches, device)
-            if not ok:
-                break
-            got_any = True
-            progress.data_wait(time.perf_counter() - wait_start)
-            img, txt, scale = engine(*_inputs(batch, device, dtype))
-            loss = loss_fn(img, txt, scale)
-            engine.backward(loss)
-            engine.step()
-            state.batches_in_epoch += 1
-            window["loss"] += loss.item()
-            window["n"] += 1
-            micro += 1
-            if micro % accum:
-                continue
-            state.step += 1
-            progress.step_done(len(batch["image"]) * accum * dist.get_world_size())
-            metrics = {}
-            last = state.step == cfg.train.steps
+        wait_start = time.perf_counter()
+        ok, batch = _next_batch(batches, device)
+        if not ok:
+            counts = _mean_over_ranks(stream.counters(), device, total=("rows_seen", "rows_skipped", "rows_dropped"))
+            raise RuntimeError(
+                f"data.train={cfg.data.train}: the stream ended at step {state.step} of {cfg.train.steps} after "
+                f"{counts['rows_seen']:.0f} rows ({counts['rows_skipped']:.0f} bad rows skipped); check the data "
+                "with `clippy-ray data inspect`"
+            )
+        progress.data_wait(time.perf_counter() - wait_start)
+        img, txt, scale = engine(*_inputs(batch, device, dtype))
+        loss = loss_fn(img, txt, scale)
+        engine.backward(loss)
+        engine.step()
+        window["loss"] += loss.item()
+        window["n"] += 1
+        micro += 1
+        if micro % accum:
+            continue
+        state.step += 1
+        progress.step_done(len(batch["image"]) * accum * dist.get_world_size())
+        metrics = {}
+        last = state.step == cfg.train.steps
+        checkpoint = state.step % cfg.train.checkpoint_every == 0 or last
+        if state.step % cfg.train.log_every == 0 or last or checkpoint:
+            counts = _mean_over_ranks(
+                {"loss": window["loss"] / max(window["n"], 1), **stream.counters()},
+                device,
+                total=("rows_seen", "rows_skipped", "rows_dropped"),
+            )
+            state.data_position = start + int(counts.pop("rows_seen"))
+            state.epoch = epoch_of(state.data_position, rows_per_epoch)
+            data_start = _min_over_ranks(_first(stream), device)
             if state.step % cfg.train.log_every == 0 or last:
-                metrics = _mean_over_ranks(
-                    {"loss": window["loss"] / window["n"], **stream.counters()},
-                    device,
-                    total=("rows_seen", "rows_skipped", "rows_dropped"),
-                )
+                metrics = {**counts, "rows_seen": state.data_position - start, "data_start": data_start}
                 metrics.update(temperature=1.0 / scale.float().item(), lr=engine.get_lr()[0], **progress.rates())
                 window = {"loss": 0.0, "n": 0}
-            if val_shard is not None and (last or (cfg.train.val_every and state.step % cfg.train.val_every == 0)):
-                metrics.update(validate(engine, val_shard, cfg, dtype, loss_fn))
-            if metrics:
-                progress.log(state.step, metrics)
-            if state.step % cfg.train.checkpoint_every == 0 or last:
-                save_checkpoint(engine, model, state, cfg, tokenizer, metrics)
-                progress.checkpoint(state.step)
-            elif metrics:
-                ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
-        if not got_any and not resumed_mid_epoch:
-            raise RuntimeError(
-                f"data.train={cfg.data.train}: an epoch gave no full batch of "
-                f"{cfg.train.micro_batch_size} rows on every worker; use more data or a smaller "
-                "train.global_batch_size"
-            )
-        if state.step < cfg.train.steps:
-            state.epoch += 1
-            state.batches_in_epoch = 0
+        if val_shard is not None and (last or (cfg.train.val_every and state.step % cfg.train.val_every == 0)):
+            metrics.update(validate(engine, val_shard, cfg, dtype))
+        if metrics:
+            progress.log(state.step, metrics)
+        if checkpoint:
+            save_checkpoint(engine, model, state, cfg, tokenizer, metrics)
+            progress.checkpoint(state.step)
+        elif metrics:
+            ray.train.report({**metrics, **asdict(state)})
     progress.finish()

@@ -75,9 +75,11 @@ class Progress:
         if self.enabled:
             self.emit({"kind": kind, "text": text, "step": step, "total": self.total, "status": status})
 
-    def start(self, device: str, precision_reason: str) -> None:
+    def start(self, device: str, precision_reason: str, data_position: int = 0, epoch: int = 0) -> None:
         t = self.cfg.train
-        resumed = f", resuming at step {self.start_step}" if self.start_step else ""
+        resumed = ""
+        if self.start_step:
+            resumed = f", resuming at step {self.start_step} from data position {data_position} (epoch {epoch})"
         self._send(
             "start",
             f"run {t.run_name}: {self.total} steps of {t.global_batch_size} pairs on {t.num_workers} "

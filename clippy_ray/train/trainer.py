@@ -4,11 +4,13 @@ Running again with the same run name and storage resumes from the latest checkpo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 from clippy_ray import config, storage
 from clippy_ray.console import EventQueue
 from clippy_ray.data.pipeline import build_dataset
+from clippy_ray.data.plan import DataFile, dump_manifest, list_files, load_manifest
 from clippy_ray.data.schema import check_dataset
 from clippy_ray.errors import InputError
 from clippy_ray.model.pretrained import check_pretrained
@@ -28,6 +30,65 @@ def checkpoint_uri(cfg: config.Config, checkpoint) -> str | None:
     if checkpoint is None:
         return None
     return f"s3://{checkpoint.path}" if storage.is_s3(cfg.train.storage) else checkpoint.path
+
+
+# Ray Train's record of a run's registered checkpoints, in the run folder. Its latest entry is the
+# checkpoint Ray hands the workers of the next attempt, with the metrics reported beside it.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+MANIFEST = "data/train_files.json"  # the run's training files and their rows: fixes what a position means
+
+
+def train_files(cfg: config.Config) -> list[DataFile]:
+    """The run's training files: listed once when the run starts and stored with it, so a resumed
+    run reads the same files in the same order even if the prefix has changed since."""
+    uri = storage.join(cfg.train.storage, cfg.train.run_name, MANIFEST)
+    if storage.exists(uri):
+        return load_manifest(storage.read_bytes(uri))
+    files = list_files(cfg.data.train)
+    if not sum(f.rows for f in files):
+        raise InputError(f"data.train={cfg.data.train}: its parquet files hold no rows; point it at the training data")
+    storage.write_bytes(uri, dump_manifest(files))
+    return files
+
+
+def resume_point(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights") -> tuple[int, int]:
+    """(step, data position) the next attempt of the run starts from: the checkpoint Ray registered
+    last (the one it restores the workers from), else the --from checkpoint in full mode, else 0."""
+    snapshot = storage.join(cfg.train.storage, cfg.train.run_name, RAY_SNAPSHOT)
+    if storage.exists(snapshot):
+        metrics = (json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result") or {}).get("metrics") or {}
+        if "data_position" in metrics:
+            return int(metrics["step"]), int(metrics["data_position"])
+    if init_from and init_mode == "full":
+        state = json.loads(storage.read_bytes(storage.join(init_from, "train_state.json")))
+        return int(state.get("step", 0)), int(state.get("data_position", 0))
+    return 0, 0
+
+
+class TrainStream:
+    """The training dataset, built again at every start of the worker group (Ray Train calls a
+    dataset factory then): it begins at the data position of the checkpoint the workers are about
+    to restore, so a restarted run reads on from there without reading or decoding what came
+    before. It covers the rows the remaining steps need, twice over (bad rows are dropped)."""
+
+    def __init__(self, cfg: config.Config, files: list[DataFile], init_from: str | None, init_mode: str):
+        self.cfg, self.files, self.init_from, self.init_mode = cfg, files, init_from, init_mode
+        self.started_at: list[tuple[int, int]] = []  # (step, position) of each build, for the driver's log
+
+    def __call__(self):
+        cfg = self.cfg
+        step, position = resume_point(cfg, self.init_from, self.init_mode)
+        self.started_at.append((step, position))
+        t = cfg.train
+        buffers = t.num_workers * (cfg.data.shuffle_buffer + t.micro_batch_size + cfg.data.decode_batch_size)
+        rows = 2 * max(t.steps - step, 1) * t.global_batch_size + buffers
+        size = cfg.model.image.img_size
+        return build_dataset(cfg.data.train, cfg.data, cfg.model.text, size, True, position, rows, self.files)
+
+
+def val_rows(cfg: config.Config) -> int:
+    """The validation subset: the same first rows of data.val (files in sorted order) every time."""
+    return cfg.train.val_batches * cfg.train.micro_batch_size * cfg.train.num_workers
 
 
 def describe(cfg: config.Config) -> list[str]:
@@ -139,9 +200,12 @@ def fit(
 
     check_inputs(cfg, init_from, init_mode)
     image_size = cfg.model.image.img_size
-    datasets = {"train": build_dataset(cfg.data.train, cfg.data, cfg.model.text, image_size, train=True)}
+    files = train_files(cfg)
+    datasets = {"train": TrainStream(cfg, files, init_from, init_mode)}
     if cfg.data.val:
-        datasets["val"] = build_dataset(cfg.data.val, cfg.data, cfg.model.text, image_size, train=False)
+        datasets["val"] = build_dataset(
+            cfg.data.val, cfg.data, cfg.model.text, image_size, train=False, rows=val_rows(cfg)
+        )
 
     path, fs = run_storage(cfg.train.storage)
     _write_resolved_config(cfg)
@@ -159,6 +223,7 @@ def fit(
             "init_from": init_from,
             "init_mode": init_mode,
             "has_val": "val" in datasets,
+            "rows_per_epoch": sum(f.rows for f in files),
             "events": getattr(events, "queue", None),
         },
         datasets=datasets,
