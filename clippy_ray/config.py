@@ -38,6 +38,21 @@ def out_of_range(path: str, obj: Any, rule: str, names: tuple[str, ...]) -> list
     return [f"{path}.{n}: {getattr(obj, n)} must be {rule}" for n in names if not _RULES[rule](getattr(obj, n))]
 
 
+def bad_resources(path: str, resources: dict) -> list[str]:
+    """One line per entry of a custom Ray resource map (name -> amount per worker) that Ray would
+    refuse, or that names a resource another field sets (CPUs, GPUs, memory)."""
+    errors = []
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            errors.append(
+                f"{path}.{name}: a built-in Ray resource (CPUs and GPUs come from cpus_per_worker and use_gpu); "
+                "list custom resources only, e.g. {gpu_node: 1}"
+            )
+        elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            errors.append(f"{path}.{name}: {amount!r} must be a number > 0")
+    return errors
+
+
 @dataclass
 class ImageConfig:
     name: str = "vit_base_patch16_224"  # any timm ViT
@@ -161,6 +176,8 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # < 1 on small CPU boxes leaves CPUs for Ray Data decoding
+    # custom Ray resources each worker also asks for: pins workers to the node type that declares them
+    worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {a100_node: 1}
     global_batch_size: int = 64  # pairs per optimizer step, over all workers and accumulation
     grad_accum_steps: int = 1
     steps: int = 1000  # optimizer steps
@@ -211,6 +228,7 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             errors.append(f"{path}.betas: {list(self.betas)} must be two numbers in [0, 1)")
         errors += out_of_range(path, self, "> 0", ("cpus_per_worker",))
+        errors += bad_resources(f"{path}.worker_resources", self.worker_resources)
         per = self.num_workers * self.grad_accum_steps
         if per >= 1 and self.global_batch_size >= 1 and self.global_batch_size % per:
             errors.append(
@@ -232,6 +250,7 @@ class EvalConfig:
     workers: int = 2  # Ray actors, each holding the model once
     cpus_per_worker: float = 1.0
     use_gpu: bool | None = False  # a GPU per worker, asked of the autoscaler; null (older configs) = false
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker, as train's
     rows_per_shard: int = 32  # the unit of parallel work; results never depend on the worker count
     max_rows: int | None = None  # per split, for quick looks
     # background in zero-shot segmentation: `class` = the dataset's class 0 has prompts like any
@@ -258,6 +277,7 @@ class EvalConfig:
         return (
             errors
             + out_of_range(path, self, "> 0", ("cpus_per_worker",))
+            + bad_resources(f"{path}.worker_resources", self.worker_resources)
             + out_of_range(path, self, ">= 0", ("examples",))
         )
 

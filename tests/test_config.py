@@ -48,3 +48,19 @@ def test_every_bad_field_is_reported_at_once():
 def test_shipped_configs_are_valid():
     for name in ("configs/demo.yaml", "configs/vitb16_t5base.yaml"):
         config.load(name)
+
+
+def test_worker_resources_take_custom_ray_resources_and_name_each_bad_entry():
+    cfg = config.load(None, ["train.worker_resources={gpu_node: 1}", "eval.worker_resources={eval_node: 0.5}"])
+    assert cfg.train.worker_resources == {"gpu_node": 1} and cfg.eval.worker_resources == {"eval_node": 0.5}
+    assert config.TrainConfig().worker_resources == {} == config.EvalConfig().worker_resources
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, ["train.worker_resources={GPU: 1, a: 0, b: many}", "eval.worker_resources={CPU: 2}"])
+    assert err.value.errors == [
+        "train.worker_resources.GPU: a built-in Ray resource (CPUs and GPUs come from cpus_per_worker and "
+        "use_gpu); list custom resources only, e.g. {gpu_node: 1}",
+        "train.worker_resources.a: 0 must be a number > 0",
+        "train.worker_resources.b: 'many' must be a number > 0",
+        "eval.worker_resources.CPU: a built-in Ray resource (CPUs and GPUs come from cpus_per_worker and "
+        "use_gpu); list custom resources only, e.g. {gpu_node: 1}",
+    ]

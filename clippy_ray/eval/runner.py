@@ -82,6 +82,7 @@ def _start_workers(checkpoint: str, data: EvalSet, cfg: EvalConfig, count: int, 
     actor_cls = EvalWorker.options(
         num_cpus=cfg.cpus_per_worker,
         num_gpus=1 if use_gpu else 0,
+        resources=cfg.worker_resources,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
     threads = max(1, int(cfg.cpus_per_worker))

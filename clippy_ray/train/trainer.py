@@ -174,7 +174,7 @@ def dry_run(cfg: config.Config) -> list[str]:
     lines.append(
         f"run folder: {root} ({'exists: the run resumes from its latest checkpoint' if resumes else 'new run'})"
     )
-    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
     lines.append(
         f"resources: {t.num_workers} workers x {per_worker} (+ Ray Data decode tasks at {cfg.data.decode_cpus} CPU "
         f"each); precision {t.precision}, ZeRO-{t.zero_stage}, {t.steps} steps, checkpoint every "
@@ -209,7 +209,7 @@ def fit(
 
     path, fs = run_storage(cfg.train.storage)
     _write_resolved_config(cfg)
-    resources = {"CPU": cfg.train.cpus_per_worker}
+    resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.worker_resources}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     if console is not None:
