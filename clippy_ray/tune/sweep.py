@@ -162,10 +162,22 @@ def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> lis
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=path, storage_filesystem=fs, verbose=1),
         )
+    _start_ray_data_here()
     results = tuner.fit()
     rows = collect_rows(sweep, results)
     write_results(sweep, rows)
     return rows
+
+
+def _start_ray_data_here() -> None:
+    """Run one tiny dataset on the sweep's driver (a 0-CPU task, so a CPU-less head can run it).
+    Ray Data starts two detached actors (its stats actor and autoscaling coordinator) on the node
+    of the first process that runs a dataset. Left to the trials, that is an autoscaled worker
+    node, and a node holding an actor never counts as idle: the autoscaler would never remove it.
+    Started here first, they live on the driver's node (the head) and the trials reuse them."""
+    import ray
+
+    ray.data.from_items([0]).map(lambda row: row, num_cpus=0).materialize()
 
 
 def collect_rows(sweep: SweepConfig, results) -> list[dict]:
