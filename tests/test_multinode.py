@@ -342,3 +342,104 @@ def test_an_autoscaled_sweep_grows_from_zero_worker_nodes_runs_every_trial_and_s
     ], rows
     assert table.count("| finished |") == 4, table
     assert f"results: s3://{BUCKET}/sweeps/scale/results.md" in logs  # the driver's output says where it went
+
+
+def _registered(run: str) -> str | None:
+    """The checkpoint Ray Train registered last for a run (its snapshot in the run folder), if any."""
+    from clippy_ray.train.trainer import RAY_SNAPSHOT
+
+    if not storage.exists(f"{run}/{RAY_SNAPSHOT}"):
+        return None
+    latest = json.loads(storage.read_bytes(f"{run}/{RAY_SNAPSHOT}")).get("latest_checkpoint_result") or {}
+    return latest.get("checkpoint_dir_name")
+
+
+def _bytes_under(uri: str) -> int:
+    import boto3
+
+    bucket, prefix = uri[len("s3://") :].split("/", 1)
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+    return sum(item["Size"] for page in pages for item in page.get("Contents", []))
+
+
+def _logs(cluster, submission_id: str) -> str:
+    return cluster.ray("job", "logs", "--address", cluster.dashboard, submission_id, check=False).stdout
+
+
+def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_position(
+    cluster_factory, s3_bench, tmp_path
+):
+    """Three training nodes, two workers: one worker's node goes (every process on it, at once)
+    after the first checkpoint. Ray Train restarts the worker group on the two nodes left; the
+    stream starts again at the data position recorded in that checkpoint, reading none of the rows
+    before it, and the run ends at its configured step."""
+    node = {"CPU": 1, "train_node": 1}
+    cluster = cluster_factory({"CPU": 0}, {"w1": node, "w2": node, "w3": node})
+    runs = f"s3://{BUCKET}/runs"
+    every, steps = 8, 24
+    train = tiny_run(
+        s3_bench,
+        f"train.storage={runs}",
+        "train.run_name=node-loss",
+        "train.num_workers=2",
+        "train.worker_resources={train_node: 1}",
+        # a node has 1 CPU and its training worker 0.5: after the loss no node has a whole CPU free,
+        # and the decode tasks must fit beside the workers
+        "train.cpus_per_worker=0.5",
+        "data.decode_cpus=0.4",
+        f"train.steps={steps}",
+        f"train.checkpoint_every={every}",
+        "train.keep_checkpoints=10",  # all of them, to read each one's data position afterwards
+        "train.log_every=2",
+        "train.val_every=0",
+        "train.max_failures=2",
+    )
+    submit(cluster, "lossy", "jobs/train.py", *train, options=("--no-wait",))
+    run = f"{runs}/node-loss"
+    deadline = time.time() + 600
+    while _registered(run) is None:  # Ray has taken the first checkpoint into its books
+        assert time.time() < deadline, _logs(cluster, "lossy")[-6000:]
+        assert "failed" not in job_status(cluster, "lossy").lower(), _logs(cluster, "lossy")[-6000:]
+        time.sleep(0.5)
+    victim_node = next(a["node_id"] for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE")
+    victim = next(name for name, nid in cluster.node_ids.items() if nid == victim_node)
+    reached = max(int(m) for m in re.findall(r"step (\d+)/\d+ \|", _logs(cluster, "lossy")))
+    cluster.remove_node(victim, graceful=False)
+    removed = time.time()
+    resumed_at = None
+    while "succeeded" not in (status := job_status(cluster, "lossy")).lower():
+        assert "failed" not in status.lower() and time.time() < deadline + 300, _logs(cluster, "lossy")[-8000:]
+        if resumed_at is None and "resuming at step" in _logs(cluster, "lossy"):
+            resumed_at = time.time()
+        time.sleep(1.0)
+    logs = _logs(cluster, "lossy")
+    resumed_at = resumed_at or time.time()
+    (line,) = re.findall(r"resuming at step (\d+) from data position (\d+) \(epoch (\d+)\)", logs)
+    step, position = int(line[0]), int(line[1])
+    saved = json.loads(storage.read_bytes(f"{run}/step_{step:08d}/train_state.json"))
+    final = json.loads(storage.read_bytes(f"{run}/step_{steps:08d}/train_state.json"))
+    # restored from the checkpoint Ray had registered last, at most one interval behind
+    assert step % every == 0 and 0 <= reached - step <= every, (reached, step)
+    assert position == saved["data_position"] > 0
+    # the new stream began at exactly that position and read on from it: the rows it handed out are
+    # the ones the remaining steps took plus what each worker held at the end (its 16-row shuffle
+    # buffer and at most one block, here one 64-row file), none from before it
+    assert final["data_start"] == position, final
+    remaining = (steps - step) * 8
+    assert remaining <= final["data_position"] - position <= remaining + 2 * (16 + 64), final
+    assert final["step"] == steps
+    # two attempts of two workers; the second one's on the two nodes that were left
+    workers = [a["node_id"] for a in cluster.actors("RayTrainWorker")]
+    assert len(workers) == 4 and workers.count(victim_node) == 1, workers
+    ckpt = f"{run}/step_{steps:08d}"
+    whole, model = _bytes_under(ckpt), _bytes_under(f"{ckpt}/model")
+    print(
+        f"\n[multinode] a checkpoint holds {whole} bytes; evaluating it downloads its model/ folder only: "
+        f"{model} bytes ({whole / model:.1f}x less)"
+    )
+    print(
+        f"[multinode] node {victim} removed at step {reached}; restored step {step} (lost {reached - step} "
+        f"steps, checkpoint every {every}); data position {position} -> resumed stream started at "
+        f"{final['data_start']}; {resumed_at - removed:.0f} s from node loss to the resumed run's first "
+        f"line, run done {time.time() - removed:.0f} s after the loss"
+    )
