@@ -380,9 +380,15 @@ def convert_minilm(folder: Path, out: Path, source: str | None = None) -> tuple[
 # --- the command ------------------------------------------------------------------------------------
 
 
-def config_lines(out: str, timm_kwargs: dict, img_size: int) -> list[str]:
+# The text encoder's architecture, also in the config: with `model.text.pretrained=null` (the text
+# init axis's "random") the tower is then the same network from random weights, not BERT-base.
+TEXT_ARCH = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings")
+
+
+def config_lines(out: str, timm_kwargs: dict, img_size: int, text_arch: dict | None = None) -> list[str]:
     """The dotted overrides (or YAML keys) that use the written files."""
     kwargs = "{" + ", ".join(f"{k}: {v}" for k, v in timm_kwargs.items()) + "}"
+    arch = "{" + ", ".join(f"{k}: {v}" for k, v in (text_arch or {}).items()) + "}"
     text = storage.join(out, MINILM_DIR)
     return [
         f"model.image.name={TIMM_NAME}",
@@ -390,7 +396,7 @@ def config_lines(out: str, timm_kwargs: dict, img_size: int) -> list[str]:
         f"model.image.img_size={img_size}",
         f"model.image.pretrained={storage.join(out, DINOV2_FILE)}",
         "model.text.model_type=bert",
-        "model.text.hf_config={}",
+        f"model.text.hf_config={arch}",
         f"model.text.pretrained={text}",
         f"model.text.tokenizer={text}",
     ]
@@ -418,7 +424,9 @@ def write_weights(out: str, log=print) -> list[str]:
             f"{MINILM.what} ({label}) -> {storage.join(out, MINILM_DIR)}/: normalized mean-pooled embeddings "
             f"vs {by}: max abs diff {diff:.2g} over {len(_SENTENCES)} sentences"
         )
+        saved = json.loads((local / MINILM_DIR / "config.json").read_text())
+        text_arch = {k: saved[k] for k in TEXT_ARCH if k in saved}
         if storage.is_s3(out):
             storage.upload(local / DINOV2_FILE, storage.join(out, DINOV2_FILE))
             storage.upload(local / MINILM_DIR, storage.join(out, MINILM_DIR))
-    return config_lines(out, timm_kwargs, img_size)
+    return config_lines(out, timm_kwargs, img_size, text_arch)

@@ -297,6 +297,15 @@ def test_weights_command_writes_files_a_config_loads(installed, tmp_path, capsys
     )
     assert tokenizer.vocab_size == len(WORDS)
 
+    # the printed text architecture rebuilds the same network without the weights (text_init: random)
+    random_cfg, _, random_model = _built_from_printed_config(stdout + "\n  model.text.pretrained=null\n")
+    assert random_cfg.model.text.pretrained is None
+    shapes = {k: v.shape for k, v in model.text.encoder.state_dict().items()}
+    assert {k: v.shape for k, v in random_model.text.encoder.state_dict().items()} == shapes
+    assert not torch.equal(
+        random_model.text.encoder.embeddings.word_embeddings.weight, source["embeddings.word_embeddings.weight"]
+    )
+
     batch = tokenizer(["a photo of a dog", "two cats"])
     with torch.no_grad():
         images = model.encode_image(torch.zeros(2, 3, INPUT, INPUT))
