@@ -218,7 +218,9 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
     # file); the second invocation's stream started exactly there, and 2 more steps moved it by
     # 32 rows give or take a block per worker
     assert 192 <= state12["data_position"] <= 192 + 2 * 40 and state12["epoch"] == 1  # 160 rows an epoch
-    assert second.metrics["data_start"] == state12["data_position"]
+    # (the first row it handed out; with decode tasks finishing out of order the first block to
+    # arrive can be the one after it)
+    assert state12["data_position"] <= second.metrics["data_start"] <= state12["data_position"] + 40
     assert 0 <= state14["data_position"] - state12["data_position"] <= 32 + 2 * 40
     # the optimizer state was restored, not restarted: Adam's step count is 14, not 2, and the second
     # moment keeps at least beta2**2 of its step-12 value everywhere (a fresh one would not)

@@ -181,7 +181,11 @@ def train_loop(loop_config: dict) -> None:
     state = TrainState()
     if checkpoint is not None:
         source = checkpoint_uri(cfg, checkpoint)
-        with checkpoint.as_directory() as folder:
+        # A folder of this process's own: Ray's as_directory() shares one temporary folder per
+        # checkpoint between the processes of a machine and deletes it when one of them is done,
+        # which can pull the shards from under a rank still reading them (seen on a node loss).
+        with tempfile.TemporaryDirectory(prefix="clippy-ray-restore-") as folder:
+            checkpoint.to_directory(folder)
             state = restore(engine, folder, source)
     elif init_from and not from_weights:
         state = restore(engine, str(storage.fetch(init_from)), init_from)
