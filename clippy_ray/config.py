@@ -141,11 +141,13 @@ class DataConfig:
     decode_cpus: float = 0.9  # CPUs each decode task asks Ray for; with read_cpus, lets N decoders and
     #                           the reads share N cores
     read_cpus: float = 0.1  # CPUs each parquet read task asks for: reads mostly wait on I/O
+    read_tasks: int = 0  # parquet read tasks at once (each streams ~block_mib blocks to ~16 decoding
+    #                      cores); 0: one per 16 CPUs of the cluster when the stream starts, at least 2
     block_mib: int = 32  # Ray Data block size: one read block (~1-2k encoded images) is one decode task;
     #                      larger blocks mean fewer task hand-overs, smaller ones a shorter end of epoch
 
     def check(self, path: str) -> list[str]:
-        errors = out_of_range(path, self, ">= 0", ("shuffle_buffer",))
+        errors = out_of_range(path, self, ">= 0", ("shuffle_buffer", "read_tasks"))
         if not 0 < self.min_crop_scale <= 1:
             errors.append(f"{path}.min_crop_scale: {self.min_crop_scale} must be in (0, 1]")
         errors += out_of_range(path, self, ">= 1", ("decode_batch_size", "block_mib"))

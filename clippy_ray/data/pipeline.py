@@ -73,12 +73,15 @@ def read_plan(plan: list[Piece], columns: list[str], cfg: DataConfig) -> ray.dat
     each with its `position`."""
     items = [asdict(p) for p in plan]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
+    # Capped: at 0.1 CPU a read task would otherwise run 10 to a core, each a process of its own.
+    tasks = cfg.read_tasks or max(2, int(ray.cluster_resources().get("CPU", 0)) // 16)
     return ds.map_batches(
         _read_pieces,
         fn_kwargs={"columns": columns, "block_bytes": cfg.block_mib * 2**20},
         batch_size=1,
         batch_format="numpy",
         num_cpus=cfg.read_cpus,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
     )
 
 
