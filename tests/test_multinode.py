@@ -376,7 +376,7 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
     node = {"CPU": 1, "train_node": 1}
     cluster = cluster_factory({"CPU": 0}, {"w1": node, "w2": node, "w3": node})
     runs = f"s3://{BUCKET}/runs"
-    every, steps = 8, 24
+    every, steps = 6, 18
     train = tiny_run(
         s3_bench,
         f"train.storage={runs}",

