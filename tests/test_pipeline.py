@@ -238,3 +238,16 @@ def test_pipeline_feeds_two_ray_train_workers_on_two_cpus_without_hanging(ray_lo
     assert sum(r["rows_seen"] for r in reports) == 32  # the two shards cover the dataset once
     for r in reports:
         assert r["shapes"] and all(tuple(s) == (4, 3, 32, 32) for s in r["shapes"])
+
+
+def test_the_validation_stream_is_the_same_first_rows_every_time(ray_local, tmp_path):
+    numbered_files(tmp_path / "v", [30, 30, 30])
+    cfg = DataConfig(decode_batch_size=8)
+    ds = build_dataset(str(tmp_path / "v"), cfg, TEXT, image_size=8, train=False, rows=40)
+
+    def positions() -> list[int]:
+        return sorted(int(p) for batch in ds.iter_batches(batch_format="numpy") for p in batch["position"])
+
+    first = positions()
+    assert first[:40] == list(range(40)) and len(first) <= 60  # files in sorted order, whole files
+    assert positions() == first  # each validation reads the same rows
