@@ -392,7 +392,9 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
         "train.keep_checkpoints=10",  # all of them, to read each one's data position afterwards
         "train.log_every=2",
         "train.val_every=0",
-        "train.max_failures=2",
+        # an ungraceful loss is noticed by missed heartbeats: until then a restart can still be
+        # placed on the lost node and fail once more
+        "train.max_failures=4",
     )
     submit(cluster, "lossy", "jobs/train.py", *train, options=("--no-wait",))
     run = f"{runs}/node-loss"
