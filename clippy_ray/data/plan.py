@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clippy_ray import storage
+from clippy_ray.data.schema import parquet_files
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,8 @@ class Piece:
 def list_files(uri: str) -> list[DataFile]:
     """The .parquet files at `uri` (a file or a folder / prefix), sorted, with their row counts
     from the footers (no row is read)."""
-    files = storage.list_files(uri)
-    parquet = [f for f in files if f.endswith(".parquet")] if len(files) != 1 or files[0] != uri else files
     out = []
-    for f in sorted(parquet):
+    for f in sorted(parquet_files(uri, storage.list_files(uri))):
         fs, path = storage.resolve(f)
         try:
             with fs.open_input_file(path) as handle:

@@ -68,12 +68,18 @@ def image_bytes(value) -> bytes | None:
     return bytes(value)
 
 
+def parquet_files(uri: str, files: list[str]) -> list[str]:
+    """The parquet files among `files` listed at `uri`: `uri` itself when it is one file, else
+    the .parquet files of the folder / prefix."""
+    return files if len(files) == 1 and files[0] == uri else [f for f in files if f.endswith(".parquet")]
+
+
 def check_dataset(uri: str, field: str, image_column: str, caption_column: str) -> None:
     """Driver side, before any Ray work: `uri` (a parquet file or a folder / prefix of them) is
     there, holds .parquet files, the first of which is parquet (its footer is read) with usable
     image and caption columns. One line names `field=uri` and what is wrong."""
     files = storage.list_files(uri, field)
-    parquet = [f for f in files if f.endswith(".parquet")] if len(files) != 1 or files[0] != uri else files
+    parquet = parquet_files(uri, files)
     if not parquet:
         seen = f" (found {len(files)} other files, e.g. {files[0].rsplit('/', 1)[-1]})" if files else " (it is empty)"
         raise DataSchemaError(
