@@ -8,6 +8,7 @@ Every bad field is reported on its own line, naming the field, the value and wha
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -419,6 +420,22 @@ def load(path: str | None = None, overrides: list[str] | None = None, cls: type 
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: top level must be a mapping"])
     return from_dict(merge(data, parse_overrides(overrides or [])), cls)
+
+
+def absolute_uri(uri: str | None) -> str | None:
+    if not uri or "://" in uri or uri == "byte":
+        return uri
+    return os.path.abspath(uri)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """`cfg` with its local data and weight paths made absolute, in place: training workers and
+    Tune trials run in working directories of their own, where a relative path means nothing."""
+    cfg.data.train, cfg.data.val = absolute_uri(cfg.data.train), absolute_uri(cfg.data.val)
+    cfg.model.image.pretrained = absolute_uri(cfg.model.image.pretrained)
+    cfg.model.text.pretrained = absolute_uri(cfg.model.text.pretrained)
+    cfg.model.text.tokenizer = absolute_uri(cfg.model.text.tokenizer)
+    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -232,9 +232,19 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
 
 
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (3, "bf16")])
-def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, stage, precision):
+def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, monkeypatch, stage, precision):
+    from safetensors.torch import load_file
+
+    from clippy_ray.model.clippy import build_model
+    from clippy_ray.model.pretrained import save_image_backbone
     from clippy_ray.train.trainer import fit
 
+    # pretrained weights at a path relative to the launch folder, as `clippy-ray weights --out
+    # runs/weights` and the README write them: the workers run elsewhere and must still find them
+    torch.manual_seed(5)
+    source = build_model(train_cfg(bench, str(tmp_path), "init").model, vocab_size=384).image.vit
+    save_image_backbone(source, tmp_path / "vit.safetensors")
+    monkeypatch.chdir(tmp_path)
     result = fit(
         train_cfg(
             bench,
@@ -245,10 +255,14 @@ def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, stage,
             "train.log_every=1",
             f"train.zero_stage={stage}",
             f"train.precision={precision}",
+            "model.image.pretrained=vit.safetensors",
         )
     )
     assert result.metrics["step"] == 2 and np.isfinite(result.metrics["loss"])
-    assert (Path(result.checkpoint.path) / "model" / "model.safetensors").exists()
+    trained = load_file(str(Path(result.checkpoint.path) / "model" / "model.safetensors"))
+    # two small steps from the pretrained tower, not from a random one
+    delta = (trained["image.vit.blocks.0.attn.qkv.weight"].float() - source.blocks[0].attn.qkv.weight).abs().max()
+    assert delta < 0.02  # Adam moves a weight by about lr (2e-3) a step; another random init: ~0.1
 
 
 def _train_workers() -> list[psutil.Process]:

@@ -4,6 +4,7 @@ Running again with the same run name and storage resumes from the latest checkpo
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 
@@ -219,8 +220,9 @@ def fit(
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "config": config.to_dict(cfg),
-            "init_from": init_from,
+            # the workers' working directory is not the driver's: local paths go to them absolute
+            "config": config.to_dict(config.absolute_paths(copy.deepcopy(cfg))),
+            "init_from": config.absolute_uri(init_from),
             "init_mode": init_mode,
             "has_val": "val" in datasets,
             "rows_per_epoch": sum(f.rows for f in files),

@@ -63,13 +63,6 @@ def _dotted_label(sweep: SweepConfig, axis: str, value: Any) -> str:
 # ------------------------------------------------------------------------------- trial configs
 
 
-def _absolute(uri: str | None) -> str | None:
-    """Local paths made absolute: Tune runs each trial in its own working directory."""
-    if not uri or "://" in uri or uri == "byte":
-        return uri
-    return os.path.abspath(uri)
-
-
 def trial_config(sweep: SweepConfig, setting: dict) -> config.Config:
     cfg = config.load(
         sweep.base,
@@ -81,11 +74,7 @@ def trial_config(sweep: SweepConfig, setting: dict) -> config.Config:
             f"train.wandb.group={sweep.name}",
         ],
     )
-    cfg.data.train, cfg.data.val = _absolute(cfg.data.train), _absolute(cfg.data.val)
-    cfg.model.image.pretrained = _absolute(cfg.model.image.pretrained)
-    cfg.model.text.pretrained = _absolute(cfg.model.text.pretrained)
-    cfg.model.text.tokenizer = _absolute(cfg.model.text.tokenizer)
-    return cfg
+    return config.absolute_paths(cfg)
 
 
 def _axis_errors(sweep: SweepConfig, axis: str) -> list[str]:
@@ -133,7 +122,7 @@ def load_sweep(path: str | None, overrides: list[str] | None = None) -> tuple[Sw
         raise config.ConfigError(
             ["base: not set; name the training config every trial starts from (e.g. base: configs/demo.yaml)"]
         )
-    sweep.storage, sweep.eval_data = _absolute(sweep.storage), _absolute(sweep.eval_data)
+    sweep.storage, sweep.eval_data = config.absolute_uri(sweep.storage), config.absolute_uri(sweep.eval_data)
     try:
         config.load(sweep.base, list(sweep.overrides))
     except config.ConfigError as err:
