@@ -87,9 +87,16 @@ def cmd_data_make_benchmark(args: argparse.Namespace) -> int:
     from clippy_ray.data.benchmark import BenchmarkSpec
     from clippy_ray.data.commands import make_benchmark
 
+    if not 0 <= args.color_p <= 1:
+        raise UserError(f"--color-p {args.color_p}: a share of captions, from 0 (never name colours) to 1 (always)")
     storage.require_bucket(args.out, "--out")
     spec = BenchmarkSpec(
-        seed=args.seed, image_size=args.image_size, image_format=args.format, spurious_p=args.spurious_p
+        seed=args.seed,
+        image_size=args.image_size,
+        image_format=args.format,
+        spurious_p=args.spurious_p,
+        color_p=args.color_p,
+        background_words=not args.no_background_words,
     )
     with _ray_session(args, None):  # logs in the cache: the output folder holds data only
         meta = make_benchmark(args.out, args.rows, args.eval_rows, spec, args.rows_per_shard)
@@ -281,6 +288,8 @@ def _add_data_parser(sub) -> None:
     p.add_argument("--format", choices=("png", "jpeg"), default="png")
     p.add_argument("--spurious-p", type=float, default=0.95, help="class/background co-occurrence in train-spurious")
     p.add_argument("--rows-per-shard", type=int, default=500)
+    p.add_argument("--color-p", type=float, default=0.6, help="share of captions that name the objects' colours")
+    p.add_argument("--no-background-words", action="store_true", help="captions never name the background texture")
     _add_verbose(p)
     p.set_defaults(func=cmd_data_make_benchmark)
     p = dsub.add_parser("inspect", help="row count, columns, captions, how many images decode")

@@ -176,6 +176,8 @@ CASES = [
      f"{{tmp}}/notparquet: not parquet ({NOT_PARQUET}); give a parquet file or a folder of them"),
     ("data-convert-index-missing", ["data", "convert", "--index", "{tmp}/nope.tsv", "--out", "{tmp}/converted"],
      "--index={tmp}/nope.tsv: no such file or folder; check the path"),
+    ("data-benchmark-color-p", ["data", "make-benchmark", "--out", "{tmp}/b", "--rows", "8", "--color-p", "60"],
+     "--color-p 60.0: a share of captions, from 0 (never name colours) to 1 (always)"),
     ("data-benchmark-out-no-bucket", ["data", "make-benchmark", "--out", f"s3://{MISSING_BUCKET}/b", "--rows", "8"],
      f"--out=s3://{MISSING_BUCKET}/b: bucket s3://{MISSING_BUCKET} not found; create it or fix the URI", S3),
     ("data-missing", ["train", "data.train={tmp}/nope", STORE],

@@ -42,6 +42,27 @@ def test_captions_name_exactly_the_objects_present():
             assert named_classes(scene.caption) == set(scene.classes), (scene.caption, scene.classes)
 
 
+def test_caption_richness_changes_the_captions_only():
+    import dataclasses
+
+    plain = dataclasses.replace(SPEC, color_p=0.0, background_words=False)
+    colourful = dataclasses.replace(SPEC, color_p=1.0)
+    colour_words = re.compile(rf"\b({'|'.join(bm.COLORS)})\b")
+    texture_words = re.compile(rf"\b({'|'.join(bm.BACKGROUND_WORDS.values())})\b|background|backdrop|pattern")
+    for index in range(60):
+        default, a, b = (bm.make_scene(s, "train", index) for s in (SPEC, plain, colourful))
+        for scene in (a, b):  # the same picture, masks and objects as the default spec
+            np.testing.assert_array_equal(scene.image, default.image)
+            np.testing.assert_array_equal(scene.instance, default.instance)
+            assert scene.classes == default.classes and scene.colors == default.colors
+            assert named_classes(scene.caption) == set(scene.classes)
+        assert not colour_words.search(a.caption) and not texture_words.search(a.caption), a.caption
+        assert set(colour_words.findall(b.caption)) == set(b.colors), (b.caption, b.colors)
+    defaults = [bm.make_scene(SPEC, "train", i).caption for i in range(60)]
+    assert sum(bool(colour_words.search(c)) for c in defaults) in range(20, 50)  # about 60% name colours
+    assert any(texture_words.search(c) for c in defaults)
+
+
 def test_same_seed_gives_identical_bytes_and_another_seed_does_not():
     a = bm.make_rows(SPEC, "train", 0, 5)
     b = bm.make_rows(SPEC, "train", 0, 5)

@@ -56,6 +56,11 @@ class BenchmarkSpec:
     image_format: str = "png"  # png keeps colours exact; jpeg is smaller
     spurious_p: float = 0.95
     max_objects: int = 3
+    # caption richness: how often a caption names the objects' colours, and whether it may name the
+    # background's texture. Colours and textures tell most captions in a batch apart on their own,
+    # so the fewer of them, the more a model must recognise the shapes to match its captions.
+    color_p: float = 0.6
+    background_words: bool = True
 
 
 # ------------------------------------------------------------------------------- shapes
@@ -181,9 +186,9 @@ def _pick_layout(rng: np.random.Generator, split: str, spec: BenchmarkSpec) -> t
     return [cls], str(rng.choice(others))
 
 
-def _objects_phrase(classes: list[int], colors: list[str], rng: np.random.Generator) -> str:
+def _objects_phrase(classes: list[int], colors: list[str], rng: np.random.Generator, color_p: float = 0.6) -> str:
     groups: dict[tuple[int, str | None], int] = {}
-    with_color = rng.uniform() < 0.6
+    with_color = rng.uniform() < color_p
     for cls, color in zip(classes, colors):
         key = (cls, color if with_color else None)
         groups[key] = groups.get(key, 0) + 1
@@ -196,19 +201,28 @@ def _objects_phrase(classes: list[int], colors: list[str], rng: np.random.Genera
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def caption_for(classes: list[int], colors: list[str], family: str, rng: np.random.Generator) -> str:
-    objects = _objects_phrase(classes, colors, rng)
-    bg = BACKGROUND_WORDS[family]
-    templates = [
-        "{o}",
-        "a photo of {o}",
-        "an image with {o}",
-        "{o} on a {b} background",
-        "a picture of {o} over a {b} pattern",
-        "there is {o} here",
-        "{o}, {b} backdrop",
-    ]
-    return templates[int(rng.integers(len(templates)))].format(o=objects, b=bg)
+CAPTION_TEMPLATES = (
+    "{o}",
+    "a photo of {o}",
+    "an image with {o}",
+    "{o} on a {b} background",
+    "a picture of {o} over a {b} pattern",
+    "there is {o} here",
+    "{o}, {b} backdrop",
+)
+
+
+def caption_for(
+    classes: list[int],
+    colors: list[str],
+    family: str,
+    rng: np.random.Generator,
+    color_p: float = 0.6,
+    background_words: bool = True,
+) -> str:
+    objects = _objects_phrase(classes, colors, rng, color_p)
+    templates = [t for t in CAPTION_TEMPLATES if background_words or "{b}" not in t]
+    return templates[int(rng.integers(len(templates)))].format(o=objects, b=BACKGROUND_WORDS[family])
 
 
 def make_scene(spec: BenchmarkSpec, split: str, index: int) -> Scene:
@@ -240,7 +254,8 @@ def make_scene(spec: BenchmarkSpec, split: str, index: int) -> Scene:
         where = instance == k
         image[where] = COLORS[color]
         semantic[where] = cls
-    return Scene(image, bg, semantic, instance, classes, colors, family, caption_for(classes, colors, family, rng))
+    caption = caption_for(classes, colors, family, rng, spec.color_p, spec.background_words)
+    return Scene(image, bg, semantic, instance, classes, colors, family, caption)
 
 
 def encode_png(array: np.ndarray) -> bytes:
