@@ -220,7 +220,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         args.templates,
     )
     w, h = info["picture_size"]
-    print(f"[clippy-ray] wrote {args.out} ({w}x{h}, features at {info['resolution']} px)")
+    rows = len(info["models"])
+    print(
+        f"[clippy-ray] wrote {args.out} ({w}x{h}{f', {rows} models' if rows > 1 else ''}, "
+        f"features at {info['resolution']} px)"
+    )
     return 0
 
 
@@ -360,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("segment", help="one picture: image | zero-shot label map | unsupervised groups")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="handoff checkpoint; repeat it (NAME=URI names the row) for one row per model",
+    )
     p.add_argument("--image", required=True, help="image path or s3:// URI")
     p.add_argument("--labels", required=True, help='comma-separated labels, "|" for synonyms: "cat,dog|puppy,grass"')
     p.add_argument("--out", required=True, help="PNG path or s3:// URI")

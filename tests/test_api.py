@@ -164,3 +164,42 @@ def test_readme_snippets_run_against_a_checkpoint_on_s3_and_fetch_only_its_hando
     assert any(p.name == "model.safetensors" for p in fetched)
     assert not [p for p in fetched if "ds" in p.parts], fetched
     assert capsys.readouterr().out.count("\n") == 2  # one line per snippet
+
+
+def test_segment_with_several_checkpoints_draws_one_row_per_model(tiny_handoff, tmp_path, capsys):
+    from clippy_ray import cli
+    from clippy_ray.data.benchmark import BenchmarkSpec, make_scene
+    from clippy_ray.eval.segment import segment_image
+    from clippy_ray.model import build_model
+    from clippy_ray.model.handoff import export_handoff
+    from clippy_ray.tokenizer import build_tokenizer
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("model.aggregation=avg")  # a second, different model
+    tok = build_tokenizer(cfg.model.text)
+    torch.manual_seed(1)
+    model = build_model(cfg.model, tok.vocab_size)
+    export_handoff(model, model.state_dict(), cfg, tok, tmp_path / "avg")
+    Image.fromarray(make_scene(BenchmarkSpec(image_size=48), "val", 3).image).save(tmp_path / "scene.png")
+    labels = [["circle"], ["square"], ["background"]]
+
+    alone = {
+        name: segment_image(uri, str(tmp_path / "scene.png"), labels, str(tmp_path / f"{name}.png"))
+        for name, uri in (("max", tiny_handoff), ("avg", str(tmp_path / "avg")))
+    }
+    args = ["segment", "--image", str(tmp_path / "scene.png"), "--labels", "circle,square,background"]
+    args += ["--checkpoint", f"max={tiny_handoff}", "--checkpoint", f"avg={tmp_path / 'avg'}"]
+    assert cli.main([*args, "--out", str(tmp_path / "both.png")]) == 0
+    assert "2 models" in capsys.readouterr().out
+
+    both = np.asarray(Image.open(tmp_path / "both.png"))
+    rows = [np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("max", "avg")]
+    assert both.shape[0] == rows[0].shape[0] + 4 + rows[1].shape[0]  # stacked, 4 px apart
+    # each row shows its own model: the same label maps as the model alone
+    info = segment_image(
+        [f"max={tiny_handoff}", f"avg={tmp_path / 'avg'}"], str(tmp_path / "scene.png"), labels, str(tmp_path / "x.png")
+    )
+    for name in ("max", "avg"):
+        np.testing.assert_array_equal(info["models"][name]["labels"], alone[name]["labels"])
+        np.testing.assert_array_equal(info["models"][name]["groups"], alone[name]["groups"])
+    assert not np.array_equal(info["models"]["max"]["groups"], info["models"]["avg"]["groups"])

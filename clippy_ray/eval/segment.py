@@ -1,5 +1,6 @@
 """`clippy-ray segment`: one image, free-form labels -> a picture of the image, the zero-shot
-label map with a legend, and the unsupervised grouping, side by side. Runs in-process (no Ray)."""
+label map with a legend, and the unsupervised grouping, side by side; one row per model when given
+several checkpoints (max / avg / cls on the same picture). Runs in-process (no Ray)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,57 @@ def zero_shot_labels(
     return score_maps(dense, classifier, image.shape[:2]).argmax(0).cpu().numpy(), dense
 
 
+def parse_checkpoints(given: list[str]) -> list[tuple[str, str]]:
+    """--checkpoint values -> (row name, URI): "max=runs/a/model" names its row; a bare URI is named
+    by its position when there are several, and not at all when it is the only one."""
+    out = []
+    for i, item in enumerate(given):
+        name, sep, uri = item.partition("=")
+        if not sep or "/" in name or ":" in name or not name:
+            name, uri = (f"model {i + 1}" if len(given) > 1 else ""), item
+        out.append((name, uri))
+    if len({n for n, _ in out}) < len(out):
+        raise InputError(f"--checkpoint: two rows share a name ({', '.join(n for n, _ in out)}); name each NAME=URI")
+    return out
+
+
 @torch.no_grad()
-def segment_image(
+def _row(
     checkpoint: str,
+    name: str,
+    image: np.ndarray,
+    labels: list[list[str]],
+    resolution: int | None,
+    components: int,
+    templates: str,
+    use_gpu: bool | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One model's row of the picture: (picture row, label map, groups, feature resolution)."""
+    model, cfg, tokenizer = load_model(checkpoint, device_for(use_gpu))
+    res = resolution or 2 * cfg.model.image.img_size
+    pred, dense = zero_shot_labels(model, tokenizer, image, labels, read_templates(templates), res)
+    groups = upsample_nearest(pca_groups(dense, components), image.shape[:2])
+    names = [syn[0] for syn in labels]
+    colors = visualize.palette(len(names))
+    present = np.bincount(pred.ravel(), minlength=len(names)) / pred.size
+    prefix = f"{name}: " if name else ""
+    picture = visualize.panel(
+        [
+            (f"{prefix}image", image),
+            (f"{prefix}zero-shot labels", visualize.overlay(image, pred, colors)),
+            (
+                "legend",
+                visualize.legend([f"{n} {100 * p:.0f}%" for n, p in zip(names, present)], colors, image.shape[0]),
+            ),
+            (f"{prefix}unsupervised ({components} groups)", visualize.colorize(groups, visualize.palette(components))),
+        ],
+        height=image.shape[0],
+    )
+    return picture, pred, groups, res
+
+
+def segment_image(
+    checkpoint: str | list[str],
     image_uri: str,
     labels: list[list[str]],
     out: str,
@@ -56,26 +105,17 @@ def segment_image(
     templates: str = "clip",
     use_gpu: bool | None = None,
 ) -> dict:
-    """Write the picture to `out` (a local path or s3://); returns the label map and the groups."""
-    model, cfg, tokenizer = load_model(checkpoint, device_for(use_gpu))
+    """Write the picture to `out` (a local path or s3://): one row per checkpoint (a URI, or a list
+    of URIs or NAME=URI to compare models on one image). Returns the label map and the groups (the
+    first model's), and every model's under `models`."""
+    rows = parse_checkpoints([checkpoint] if isinstance(checkpoint, str) else list(checkpoint))
     image = read_image(image_uri)
-    res = resolution or 2 * cfg.model.image.img_size
-    pred, dense = zero_shot_labels(model, tokenizer, image, labels, read_templates(templates), res)
-    groups = upsample_nearest(pca_groups(dense, components), image.shape[:2])
-    names = [syn[0] for syn in labels]
-    colors = visualize.palette(len(names))
-    present = np.bincount(pred.ravel(), minlength=len(names)) / pred.size
-    picture = visualize.panel(
-        [
-            ("image", image),
-            ("zero-shot labels", visualize.overlay(image, pred, colors)),
-            (
-                "legend",
-                visualize.legend([f"{n} {100 * p:.0f}%" for n, p in zip(names, present)], colors, image.shape[0]),
-            ),
-            (f"unsupervised ({components} groups)", visualize.colorize(groups, visualize.palette(components))),
-        ],
-        height=image.shape[0],
-    )
+    pictures, models = [], {}
+    for name, uri in rows:
+        picture, pred, groups, res = _row(uri, name, image, labels, resolution, components, templates, use_gpu)
+        pictures.append(picture)
+        models[name or uri] = {"labels": pred, "groups": groups, "resolution": res}
+    picture = visualize.stack(pictures) if len(pictures) > 1 else pictures[0]
     storage.write_bytes(out, visualize.png_bytes(picture))
-    return {"labels": pred, "groups": groups, "picture_size": picture.shape[1::-1], "resolution": res}
+    first = next(iter(models.values()))
+    return {**first, "picture_size": picture.shape[1::-1], "models": models}
