@@ -171,6 +171,34 @@ def test_a_dotted_key_axis_gives_one_trial_per_value_with_that_value(tmp_path):
     assert list(sweep.axes) == ["aggregation", "train.lr"] and [t.train.lr for t in trials] == [0.01, 0.02]
 
 
+def test_points_run_the_listed_rows_instead_of_the_grid(tmp_path):
+    axes = {"aggregation": ["max", "avg"], "token_subsampling": ["off", 0.5], "train.lr": [0.001, 0.0005]}
+    points = [
+        {"token_subsampling": 0.5, "aggregation": "avg", "train": {"lr": 0.001}},  # any key order, nested keys
+        {"aggregation": "max", "token_subsampling": "off", "train.lr": 0.0005},
+    ]
+    sweep, trials = load_sweep(_sweep_file(tmp_path, axes, points=points))
+    assert [label(sweep, s) for s in settings(sweep)] == ["avg_sub0.5_lr0.001", "max_sub-off_lr0.0005"]
+    assert [(t.model.aggregation, t.model.token_keep_ratio, t.train.lr) for t in trials] == [
+        ("avg", 0.5, 0.001),
+        ("max", None, 0.0005),
+    ]
+
+    bad = [
+        {"aggregation": "max", "token_subsampling": 0.25, "train.lr": 0.001},
+        {"aggregation": "max", "train.lr": 0.001, "model.embed_dim": 64},
+        {"aggregation": "max", "token_subsampling": "off", "train.lr": 0.0005},
+    ]
+    with pytest.raises(config.ConfigError) as err:
+        load_sweep(_sweep_file(tmp_path, axes, points=points + bad))
+    assert err.value.errors == [
+        "points[2].token_subsampling: 0.25 is not one of axes.token_subsampling (off, 0.5)",
+        "points[3]: give a value for every axis (aggregation, token_subsampling, train.lr); missing "
+        "token_subsampling; not an axis: model.embed_dim",
+        "points[4]: the same trial as an earlier point",
+    ]
+
+
 def test_a_preset_and_a_dotted_key_make_the_product_grid(tmp_path):
     sweep, trials = load_sweep(_sweep_file(tmp_path, {"aggregation": ["max", "avg"], "train.lr": [0.001, 0.0005]}))
     assert [label(sweep, s) for s in settings(sweep)] == ["max_lr0.001", "max_lr0.0005", "avg_lr0.001", "avg_lr0.0005"]
@@ -274,3 +302,32 @@ def test_the_results_table_has_a_column_per_axis_dotted_keys_included(tmp_path):
     head, _, row = markdown_table(sweep, rows).splitlines()
     assert head.startswith("| aggregation | train.lr | cls top-1 (%) | seg mIoU (%) |")
     assert row.startswith("| max | 0.001 | — | 12.5 |")
+
+
+def test_seed_axes_fold_into_one_line_per_setting_with_every_seeds_value(tmp_path):
+    from clippy_ray.tune.results import over_seeds, write_results
+
+    sweep, _ = load_sweep(_sweep_file(tmp_path, {"train.seed": [0, 1], "aggregation": ["max", "avg"]}))
+    miou = {("max", 0): 40.0, ("max", 1): 45.0, ("avg", 0): 10.0, ("avg", 1): 12.5}
+    rows = [
+        {
+            "setting": s,
+            "label": label(sweep, s),
+            "status": "finished" if (s["aggregation"], s["train.seed"]) != ("avg", 1) else "error",
+            "seg_miou": miou[s["aggregation"], s["train.seed"]],
+            "val_loss": 2.0 + s["train.seed"],
+        }
+        for s in settings(sweep)
+    ]
+    head, _, max_row, avg_row = over_seeds(sweep, rows).splitlines()
+    assert head.startswith("| aggregation | seeds | cls top-1 (%) | seg mIoU (%) |")
+    assert max_row == "| max | 2 of 2 | — | 42.5 (40.0 / 45.0) | — | — | 2.500 (2.000 / 3.000) |"
+    assert avg_row.startswith("| avg | 1 of 2 | — | 10.0 (10.0) |")  # an unfinished seed is left out
+
+    sweep.storage = str(tmp_path / "out")
+    write_results(sweep, rows)
+    md = (tmp_path / "out" / sweep.name / "results.md").read_text()
+    assert "## Over seeds (train.seed)" in md and max_row in md
+    # a sweep without a seed axis has no such section
+    plain, _ = load_sweep(_sweep_file(tmp_path, {"aggregation": ["max"]}))
+    assert over_seeds(plain, rows) == ""

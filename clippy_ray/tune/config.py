@@ -85,12 +85,12 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
-def _flat(axes: dict, prefix: str = "") -> dict:
+def flat_axes(axes: dict, prefix: str = "") -> dict:
     """{train: {lr: [...]}} -> {train.lr: [...]}: the `axes.train.lr=[...]` override nests the key."""
     out = {}
     for key, values in axes.items():
         name = f"{prefix}{key}"
-        out.update(_flat(values, f"{name}.") if isinstance(values, dict) else {name: values})
+        out.update(flat_axes(values, f"{name}.") if isinstance(values, dict) else {name: values})
     return out
 
 
@@ -127,6 +127,9 @@ class SweepConfig:
     overrides: tuple[str, ...] = ()  # key=value applied to every trial, e.g. train.steps=300
     storage: str = "./runs/sweeps"  # local folder or s3://bucket/prefix
     axes: dict = field(default_factory=dict)  # dotted config key or preset name -> list of values
+    # the trials to run, each {axis: value} for every axis, instead of the whole grid (the paper's
+    # table is a list of rows, not a grid); empty: every point of the grid
+    points: tuple[dict, ...] = ()
     image_inits: dict = field(default_factory=dict)  # ssl / supervised -> checkpoint URI (DINO, supervised ViT)
     text_inits: dict = field(default_factory=dict)  # sentence -> HF folder URI (Sentence-T5, with its tokenizer)
     eval_data: str | None = None  # evaluation data (benchmark root, VOC, ...); none: no evaluation
@@ -135,7 +138,7 @@ class SweepConfig:
     trial_cpus: float = 0.1  # the trial's own process; its training workers ask for their own resources
 
     def __post_init__(self):
-        self.axes = _flat(self.axes) if isinstance(self.axes, dict) else self.axes
+        self.axes = flat_axes(self.axes) if isinstance(self.axes, dict) else self.axes
 
     def check(self, path: str = "") -> list[str]:
         p = f"{path}." if path else ""  # a sweep file's keys are its top level
@@ -147,10 +150,35 @@ class SweepConfig:
             )
         for axis, values in self.axes.items():
             errors += self._check_axis(axis, values, p)
+        errors += self._check_points(p)
         if self.max_concurrent_trials < 1:
             errors.append(f"{p}max_concurrent_trials: {self.max_concurrent_trials} must be >= 1")
         if self.trial_cpus <= 0:
             errors.append(f"{p}trial_cpus: {self.trial_cpus} must be > 0 (Ray rejects 0)")
+        return errors
+
+    def _check_points(self, p: str) -> list[str]:
+        errors = []
+        for i, point in enumerate(self.points):
+            where = f"{p}points[{i}]"
+            if not isinstance(point, dict):
+                errors.append(f"{where}: expected {{axis: value, ...}}, got {point!r}")
+                continue
+            point = flat_axes(point)
+            missing, unknown = [a for a in self.axes if a not in point], [a for a in point if a not in self.axes]
+            if missing or unknown:
+                errors.append(
+                    f"{where}: give a value for every axis ({', '.join(self.axes)})"
+                    + (f"; missing {', '.join(missing)}" if missing else "")
+                    + (f"; not an axis: {', '.join(unknown)}" if unknown else "")
+                )
+            errors += [
+                f"{where}.{a}: {v!r} is not one of axes.{a} ({', '.join(map(str, self.axes[a]))})"
+                for a, v in point.items()
+                if a in self.axes and isinstance(self.axes[a], list) and v not in self.axes[a]
+            ]
+            if point in [flat_axes(q) for q in self.points[:i] if isinstance(q, dict)]:
+                errors.append(f"{where}: the same trial as an earlier point")
         return errors
 
     def _check_axis(self, axis: str, values: Any, p: str) -> list[str]:

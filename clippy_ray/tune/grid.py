@@ -12,12 +12,15 @@ from typing import Any
 import yaml
 
 from clippy_ray import config, storage
-from clippy_ray.tune.config import PRESETS, SweepConfig
+from clippy_ray.tune.config import PRESETS, SweepConfig, flat_axes
 
 
 def settings(sweep: SweepConfig) -> list[dict]:
-    """Every point of the grid, in a stable order: [{axis: value, ...}, ...]."""
+    """The sweep's trials, in a stable order: [{axis: value, ...}, ...] in axis order; its
+    `points` when given, else every point of the grid."""
     axes = list(sweep.axes)
+    if sweep.points:
+        return [{a: flat_axes(p)[a] for a in axes} for p in sweep.points]
     return [dict(zip(axes, values)) for values in itertools.product(*(sweep.axes[a] for a in axes))]
 
 

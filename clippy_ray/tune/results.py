@@ -32,6 +32,38 @@ def markdown_table(sweep: SweepConfig, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_axes(sweep: SweepConfig) -> list[str]:
+    """The axes that only repeat a trial with another seed (train.seed, data.seed, ...)."""
+    return [a for a in sweep.axes if a.rsplit(".", 1)[-1] == "seed"]
+
+
+def over_seeds(sweep: SweepConfig, rows: list[dict]) -> str:
+    """One line per setting of the other axes: each metric's mean over the finished seeds, then
+    every seed's value (in the order of the seed axis), so the spread is in plain sight. Empty when
+    the sweep has no seed axis."""
+    seeds = seed_axes(sweep)
+    if not seeds:
+        return ""
+    others = [a for a in sweep.axes if a not in seeds]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r["setting"].get(a)) for a in others), []).append(r)
+    head = others + ["seeds"] + [name for _, name in METRICS] + ["val loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, members in groups.items():
+        done = [r for r in members if r["status"] == "finished"]
+        cells = list(key) + [f"{len(done)} of {len(members)}"]
+        for metric, digits in [(k, 1) for k, _ in METRICS] + [("val_loss", 3)]:
+            values = [r.get(metric) for r in done if r.get(metric) is not None]
+            cells.append(
+                _num(sum(values) / len(values), digits) + " (" + " / ".join(_num(v, digits) for v in values) + ")"
+                if values
+                else "—"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], title: str) -> bytes:
     """Grouped bars: one group per trial, one bar per metric."""
     import io
@@ -64,6 +96,11 @@ def write_results(sweep: SweepConfig, rows: list[dict]) -> None:
         f"# Sweep `{sweep.name}`\n\nbase: `{sweep.base}`, overrides: `{' '.join(sweep.overrides) or '-'}`, "
         f"eval data: `{sweep.eval_data}`\n\n" + markdown_table(sweep, rows) + "\n![results](results.png)\n"
     )
+    if seed_axes(sweep):
+        md += (
+            f"\n## Over seeds ({', '.join(seed_axes(sweep))})\n\nmean over the finished seeds "
+            "(each seed's value)\n\n" + over_seeds(sweep, rows)
+        )
     storage.write_bytes(storage.join(root, "results.md"), md.encode())
     storage.write_bytes(
         storage.join(root, "results.json"),
