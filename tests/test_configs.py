@@ -32,8 +32,9 @@ def in_a_checkout_with_data(tmp_path, monkeypatch):
     """A working directory with configs/ and the local data folders the configs name (a fresh
     clone has none: they come from `make demo` / make-benchmark)."""
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    for rel in ("runs/demo/data/train", "runs/demo/data/val", "runs/bench16k/train", "runs/bench16k/val"):
-        os.makedirs(tmp_path / rel)
+    for data in ("runs/demo/data", "runs/bench16k", "runs/grouping/data"):
+        for split in ("train", "val"):
+            os.makedirs(tmp_path / data / split)
     monkeypatch.chdir(tmp_path)
 
 
