@@ -62,17 +62,16 @@ def parse_checkpoints(given: list[str]) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def _row(
-    checkpoint: str,
+    loaded: tuple,
     name: str,
     image: np.ndarray,
     labels: list[list[str]],
     resolution: int | None,
     components: int,
     templates: str,
-    use_gpu: bool | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """One model's row of the picture: (picture row, label map, groups, feature resolution)."""
-    model, cfg, tokenizer = load_model(checkpoint, device_for(use_gpu))
+    model, cfg, tokenizer = loaded
     res = resolution or 2 * cfg.model.image.img_size
     pred, dense = zero_shot_labels(model, tokenizer, image, labels, read_templates(templates), res)
     groups = upsample_nearest(pca_groups(dense, components), image.shape[:2])
@@ -109,10 +108,11 @@ def segment_image(
     of URIs or NAME=URI to compare models on one image). Returns the label map and the groups (the
     first model's), and every model's under `models`."""
     rows = parse_checkpoints([checkpoint] if isinstance(checkpoint, str) else list(checkpoint))
+    loaded = [load_model(uri, device_for(use_gpu)) for _, uri in rows]  # every checkpoint checked first
     image = read_image(image_uri)
     pictures, models = [], {}
-    for name, uri in rows:
-        picture, pred, groups, res = _row(uri, name, image, labels, resolution, components, templates, use_gpu)
+    for (name, uri), model in zip(rows, loaded):
+        picture, pred, groups, res = _row(model, name, image, labels, resolution, components, templates)
         pictures.append(picture)
         models[name or uri] = {"labels": pred, "groups": groups, "resolution": res}
     picture = visualize.stack(pictures) if len(pictures) > 1 else pictures[0]
