@@ -33,5 +33,26 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
     if not verbose:
         ray_logger.handlers = []
         ray_logger.propagate = True
+        driver_messages_to_log()
     # Datasets copy this context when they are made, so the bars stay off in Ray's own actors too.
     DataContext.get_current().enable_progress_bars = verbose
+
+
+def driver_messages_to_log() -> None:
+    """Ray prints what the raylet pushes to the driver (its "N worker processes have been started"
+    warning, with colour codes; out-of-memory kills, which also fail the task) straight to stdout,
+    whatever `log_to_driver` says. Send those lines to Ray's logger instead: the console hands it to
+    the run's log file. (Ray's own hook, `ray._private.worker.print_to_stdstream`; with
+    `log_to_driver` off, nothing else goes through it on the driver.)"""
+    import ray._private.worker as ray_worker
+
+    if getattr(ray_worker.print_to_stdstream, "clippy_ray", False):
+        return
+    logger = logging.getLogger("ray")
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            logger.warning("(%s) %s", data.get("pid", "ray"), line)
+
+    to_log.clippy_ray = True
+    ray_worker.print_to_stdstream = to_log

@@ -135,3 +135,25 @@ def test_demo_console_without_a_tty_is_a_short_clean_story_and_rays_logs_are_in_
     logs = tmp_path / "runs" / "demo" / "logs"
     assert "Started a local Ray instance" in (logs / "clippy-ray.log").read_text()
     assert any(p.name.startswith("worker-") for p in (logs / "ray").iterdir())  # the workers' own output
+
+
+def test_what_the_raylet_pushes_to_the_driver_goes_to_the_log_not_the_console(monkeypatch, capsys):
+    import logging
+
+    import ray._private.worker as ray_worker
+
+    from clippy_ray.ray_init import driver_messages_to_log
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    monkeypatch.setattr(logging.getLogger("ray"), "handlers", [handler])  # as init_ray leaves it: no console
+    warning = "\x1b[33mWARNING: 8 PYTHON worker processes have been started on node: 4a5b\x1b[0m"
+    monkeypatch.setattr(logging.getLogger("ray"), "propagate", False)
+    driver_messages_to_log()
+    driver_messages_to_log()  # twice is once
+    ray_worker.print_to_stdstream({"lines": [warning], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr()
+    assert out.out == out.err == ""
+    assert [r.getMessage() for r in records] == [f"(raylet) {warning}"]
