@@ -435,6 +435,7 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.model.image.pretrained = absolute_uri(cfg.model.image.pretrained)
     cfg.model.text.pretrained = absolute_uri(cfg.model.text.pretrained)
     cfg.model.text.tokenizer = absolute_uri(cfg.model.text.tokenizer)
+    cfg.train.storage = absolute_uri(cfg.train.storage)  # rank 0 writes the offline W&B run there
     return cfg
 
 
