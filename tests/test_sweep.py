@@ -184,6 +184,14 @@ def test_points_run_the_listed_rows_instead_of_the_grid(tmp_path):
         ("max", None, 0.0005),
     ]
 
+    # an axis whose values are mappings keeps a point's mapping whole
+    kwargs = {"aggregation": ["max"], "model.image.timm_kwargs": [{"depth": 1}, {"depth": 2}]}
+    sweep, trials = load_sweep(
+        _sweep_file(tmp_path, kwargs, points=[{"aggregation": "max", "model.image.timm_kwargs": {"depth": 2}}])
+    )
+    assert settings(sweep) == [{"aggregation": "max", "model.image.timm_kwargs": {"depth": 2}}]
+    assert trials[0].model.image.timm_kwargs["depth"] == 2
+
     bad = [
         {"aggregation": "max", "token_subsampling": 0.25, "train.lr": 0.001},
         {"aggregation": "max", "train.lr": 0.001, "model.embed_dim": 64},
@@ -322,7 +330,7 @@ def test_seed_axes_fold_into_one_line_per_setting_with_every_seeds_value(tmp_pat
     head, _, max_row, avg_row = over_seeds(sweep, rows).splitlines()
     assert head.startswith("| aggregation | seeds | cls top-1 (%) | seg mIoU (%) |")
     assert max_row == "| max | 2 of 2 | — | 42.5 (40.0 / 45.0) | — | — | 2.500 (2.000 / 3.000) |"
-    assert avg_row.startswith("| avg | 1 of 2 | — | 10.0 (10.0) |")  # an unfinished seed is left out
+    assert avg_row.startswith("| avg | 1 of 2 | — | 10.0 (10.0 / —) |")  # an unfinished seed is left out
 
     sweep.storage = str(tmp_path / "out")
     write_results(sweep, rows)

@@ -85,12 +85,14 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
-def flat_axes(axes: dict, prefix: str = "") -> dict:
-    """{train: {lr: [...]}} -> {train.lr: [...]}: the `axes.train.lr=[...]` override nests the key."""
+def flat_axes(axes: dict, prefix: str = "", names: Any = ()) -> dict:
+    """{train: {lr: [...]}} -> {train.lr: [...]}: the `axes.train.lr=[...]` override nests the key.
+    A key in `names` (the axes, when flattening a point) keeps its value whole, even a mapping."""
     out = {}
     for key, values in axes.items():
         name = f"{prefix}{key}"
-        out.update(flat_axes(values, f"{name}.") if isinstance(values, dict) else {name: values})
+        nested = isinstance(values, dict) and name not in names
+        out.update(flat_axes(values, f"{name}.", names) if nested else {name: values})
     return out
 
 
@@ -164,7 +166,7 @@ class SweepConfig:
             if not isinstance(point, dict):
                 errors.append(f"{where}: expected {{axis: value, ...}}, got {point!r}")
                 continue
-            point = flat_axes(point)
+            point = flat_axes(point, names=self.axes)
             missing, unknown = [a for a in self.axes if a not in point], [a for a in point if a not in self.axes]
             if missing or unknown:
                 errors.append(
@@ -177,7 +179,7 @@ class SweepConfig:
                 for a, v in point.items()
                 if a in self.axes and isinstance(self.axes[a], list) and v not in self.axes[a]
             ]
-            if point in [flat_axes(q) for q in self.points[:i] if isinstance(q, dict)]:
+            if point in [flat_axes(q, names=self.axes) for q in self.points[:i] if isinstance(q, dict)]:
                 errors.append(f"{where}: the same trial as an earlier point")
         return errors
 

@@ -20,7 +20,7 @@ def settings(sweep: SweepConfig) -> list[dict]:
     `points` when given, else every point of the grid."""
     axes = list(sweep.axes)
     if sweep.points:
-        return [{a: flat_axes(p)[a] for a in axes} for p in sweep.points]
+        return [{a: flat_axes(p, names=axes)[a] for a in axes} for p in sweep.points]
     return [dict(zip(axes, values)) for values in itertools.product(*(sweep.axes[a] for a in axes))]
 
 

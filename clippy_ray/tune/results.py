@@ -39,8 +39,8 @@ def seed_axes(sweep: SweepConfig) -> list[str]:
 
 def over_seeds(sweep: SweepConfig, rows: list[dict]) -> str:
     """One line per setting of the other axes: each metric's mean over the finished seeds, then
-    every seed's value (in the order of the seed axis), so the spread is in plain sight. Empty when
-    the sweep has no seed axis."""
+    every seed's value in the order of the seed axis ("—" for a seed that did not finish), so the
+    spread is in plain sight. Empty when the sweep has no seed axis."""
     seeds = seed_axes(sweep)
     if not seeds:
         return ""
@@ -54,9 +54,10 @@ def over_seeds(sweep: SweepConfig, rows: list[dict]) -> str:
         done = [r for r in members if r["status"] == "finished"]
         cells = list(key) + [f"{len(done)} of {len(members)}"]
         for metric, digits in [(k, 1) for k, _ in METRICS] + [("val_loss", 3)]:
-            values = [r.get(metric) for r in done if r.get(metric) is not None]
+            per_seed = [r.get(metric) if r in done else None for r in members]  # None: not finished / no value
+            values = [v for v in per_seed if v is not None and not (isinstance(v, float) and math.isnan(v))]
             cells.append(
-                _num(sum(values) / len(values), digits) + " (" + " / ".join(_num(v, digits) for v in values) + ")"
+                _num(sum(values) / len(values), digits) + " (" + " / ".join(_num(v, digits) for v in per_seed) + ")"
                 if values
                 else "—"
             )
