@@ -221,10 +221,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     )
     w, h = info["picture_size"]
     rows = len(info["models"])
-    print(
-        f"[clippy-ray] wrote {args.out} ({w}x{h}{f', {rows} models' if rows > 1 else ''}, "
-        f"features at {info['resolution']} px)"
-    )
+    sizes = "/".join(dict.fromkeys(str(m["resolution"]) for m in info["models"].values()))
+    print(f"[clippy-ray] wrote {args.out} ({w}x{h}{f', {rows} models' if rows > 1 else ''}, features at {sizes} px)")
     return 0
 
 
@@ -368,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         action="append",
-        help="handoff checkpoint; repeat it (NAME=URI names the row) for one row per model",
+        help="handoff checkpoint; repeat it for one row per model (NAME=URI names the row: letters, digits, _ . + -)",
     )
     p.add_argument("--image", required=True, help="image path or s3:// URI")
     p.add_argument("--labels", required=True, help='comma-separated labels, "|" for synonyms: "cat,dog|puppy,grass"')

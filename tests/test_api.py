@@ -203,3 +203,23 @@ def test_segment_with_several_checkpoints_draws_one_row_per_model(tiny_handoff, 
         np.testing.assert_array_equal(info["models"][name]["labels"], alone[name]["labels"])
         np.testing.assert_array_equal(info["models"][name]["groups"], alone[name]["groups"])
     assert not np.array_equal(info["models"]["max"]["groups"], info["models"]["avg"]["groups"])
+
+
+def test_checkpoint_row_names_are_parsed_without_eating_uris(tmp_path, monkeypatch):
+    from clippy_ray.errors import InputError
+    from clippy_ray.eval.segment import parse_checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lr=0.001").mkdir()  # a local folder whose name holds "="
+    assert parse_checkpoints(["runs/a"]) == [("", "runs/a")]
+    assert parse_checkpoints(["max=s3://b/x=y", "s3://b/x=y", "lr=0.001", "seed-1.5=runs/b"]) == [
+        ("max", "s3://b/x=y"),
+        ("model 2", "s3://b/x=y"),
+        ("model 3", "lr=0.001"),
+        ("seed-1.5", "runs/b"),
+    ]
+    for bad in ("=runs/a", "two words=runs/a", "max="):
+        with pytest.raises(InputError, match="give NAME=URI"):
+            parse_checkpoints([bad])
+    with pytest.raises(InputError, match="two rows share a name"):
+        parse_checkpoints(["a=runs/x", "a=runs/y"])

@@ -4,6 +4,9 @@ several checkpoints (max / avg / cls on the same picture). Runs in-process (no R
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import torch
 
@@ -46,14 +49,22 @@ def zero_shot_labels(
     return score_maps(dense, classifier, image.shape[:2]).argmax(0).cpu().numpy(), dense
 
 
+ROW_NAME = re.compile(r"[\w.+-]+")  # a row name: letters, digits, _ . + - (no "=", "/", ":" or spaces)
+
+
 def parse_checkpoints(given: list[str]) -> list[tuple[str, str]]:
-    """--checkpoint values -> (row name, URI): "max=runs/a/model" names its row; a bare URI is named
-    by its position when there are several, and not at all when it is the only one."""
+    """--checkpoint values -> (row name, URI): "max=runs/a/model" names its row; a bare URI (or a
+    local path that exists, "=" or not) is named by its position when there are several, and not
+    at all when it is the only one."""
     out = []
     for i, item in enumerate(given):
         name, sep, uri = item.partition("=")
-        if not sep or "/" in name or ":" in name or not name:
+        if not sep or os.path.exists(item) or "/" in name or ":" in name:
             name, uri = (f"model {i + 1}" if len(given) > 1 else ""), item
+        elif not ROW_NAME.fullmatch(name) or not uri:
+            raise InputError(
+                f"--checkpoint {item!r}: give NAME=URI with a NAME of letters, digits, _ . + - and a URI, or a bare URI"
+            )
         out.append((name, uri))
     if len({n for n, _ in out}) < len(out):
         raise InputError(f"--checkpoint: two rows share a name ({', '.join(n for n, _ in out)}); name each NAME=URI")
