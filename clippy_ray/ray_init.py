@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 
 def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
@@ -33,26 +34,35 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
     if not verbose:
         ray_logger.handlers = []
         ray_logger.propagate = True
-        driver_messages_to_log()
+    driver_messages_to_log(not verbose)
     # Datasets copy this context when they are made, so the bars stay off in Ray's own actors too.
     DataContext.get_current().enable_progress_bars = verbose
 
 
-def driver_messages_to_log() -> None:
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def driver_messages_to_log(enable: bool = True) -> None:
     """Ray prints what the raylet pushes to the driver (its "N worker processes have been started"
     warning, with colour codes; out-of-memory kills, which also fail the task) straight to stdout,
-    whatever `log_to_driver` says. Send those lines to Ray's logger instead: the console hands it to
-    the run's log file. (Ray's own hook, `ray._private.worker.print_to_stdstream`; with
-    `log_to_driver` off, nothing else goes through it on the driver.)"""
+    whatever `log_to_driver` says. Send those lines, without colour codes, to Ray's logger instead:
+    the console hands it to the run's log file. `enable=False` (--verbose) puts Ray's printing back.
+    (Ray's own hook, `ray._private.worker.print_to_stdstream`; with `log_to_driver` off, nothing
+    else goes through it on the driver.)"""
     import ray._private.worker as ray_worker
 
-    if getattr(ray_worker.print_to_stdstream, "clippy_ray", False):
+    current = ray_worker.print_to_stdstream
+    original = getattr(current, "clippy_ray_original", current)
+    if not enable:
+        ray_worker.print_to_stdstream = original
+        return
+    if current is not original:
         return
     logger = logging.getLogger("ray")
 
     def to_log(data: dict, ignore_prefix: bool = False) -> None:
         for line in data.get("lines", []):
-            logger.warning("(%s) %s", data.get("pid", "ray"), line)
+            logger.warning("(%s) %s", data.get("pid", "ray"), ANSI.sub("", line))
 
-    to_log.clippy_ray = True
+    to_log.clippy_ray_original = original
     ray_worker.print_to_stdstream = to_log

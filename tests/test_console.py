@@ -156,4 +156,9 @@ def test_what_the_raylet_pushes_to_the_driver_goes_to_the_log_not_the_console(mo
     ray_worker.print_to_stdstream({"lines": [warning], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     out = capsys.readouterr()
     assert out.out == out.err == ""
-    assert [r.getMessage() for r in records] == [f"(raylet) {warning}"]
+    assert [r.getMessage() for r in records] == [
+        "(raylet) WARNING: 8 PYTHON worker processes have been started on node: 4a5b"
+    ]
+    driver_messages_to_log(False)  # --verbose: Ray prints again
+    ray_worker.print_to_stdstream({"lines": ["shown"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert "shown" in capsys.readouterr().out and len(records) == 1
