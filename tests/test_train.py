@@ -219,8 +219,8 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
     # 32 rows give or take a block per worker
     assert 192 <= state12["data_position"] <= 192 + 2 * 40 and state12["epoch"] == 1  # 160 rows an epoch
     # (the first row it handed out; with decode tasks finishing out of order the first block to
-    # arrive can be the one after it)
-    assert state12["data_position"] <= second.metrics["data_start"] <= state12["data_position"] + 40
+    # arrive can be a later one: at most one per task in flight, 2 here; 2 blocks late seen once)
+    assert state12["data_position"] <= second.metrics["data_start"] <= state12["data_position"] + 2 * 40
     assert 0 <= state14["data_position"] - state12["data_position"] <= 32 + 2 * 40
     # the optimizer state was restored, not restarted: Adam's step count is 14, not 2, and the second
     # moment keeps at least beta2**2 of its step-12 value everywhere (a fresh one would not)
