@@ -429,7 +429,7 @@ def absolute_uri(uri: str | None) -> str | None:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """`cfg` with its local data and weight paths made absolute, in place: training workers and
+    """`cfg` with its local data, weight and storage paths made absolute, in place: training workers and
     Tune trials run in working directories of their own, where a relative path means nothing."""
     cfg.data.train, cfg.data.val = absolute_uri(cfg.data.train), absolute_uri(cfg.data.val)
     cfg.model.image.pretrained = absolute_uri(cfg.model.image.pretrained)
