@@ -144,7 +144,11 @@ def test_what_the_raylet_pushes_to_the_driver_goes_to_the_log_not_the_console(mo
 
     from clippy_ray.ray_init import driver_messages_to_log
 
-    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    # Ray's own function, whatever an earlier init_ray in this process did (restored after)
+    original = getattr(ray_worker.print_to_stdstream, "clippy_ray_original", ray_worker.print_to_stdstream)
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", original)
+    monkeypatch.setattr(logging.getLogger("ray"), "level", logging.INFO)
+    monkeypatch.setattr(logging.getLogger("ray"), "disabled", False)
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
