@@ -89,11 +89,16 @@ class EventQueue:
     the handle travels to the workers in the loop config; `pump()` renders until `stop()`."""
 
     def __init__(self, console: Console):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.console = console
-        # num_cpus=0: the queue must never wait for a CPU that Ray Data or a worker holds.
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # num_cpus=0: the queue must never wait for a CPU that Ray Data or a worker holds. Pinned to
+        # the driver's node: left to the scheduler it can land on a training node, and the loss of
+        # that node would then take the run's progress channel (and the run) with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clippy-ray-events", daemon=True)
 
@@ -143,10 +148,23 @@ def render(console: Console, event: dict) -> None:
 
 def emitter(queue):
     """The worker side: a function that sends one event; prints it when there is no queue (a Tune
-    trial, where the trial's own log is the place)."""
+    trial, where the trial's own log is the place) or when the driver's queue is gone."""
+
+    def show(event: dict) -> None:
+        print(f"{PREFIX} {event['text']}", flush=True)
+
     if queue is None:
-        return lambda event: print(f"{PREFIX} {event['text']}", flush=True)
-    return lambda event: queue.put(event)
+        return show
+
+    def send(event: dict) -> None:
+        from ray.exceptions import RayError
+
+        try:
+            queue.put(event)
+        except RayError:  # the driver's queue is gone: the event goes to the worker's log instead
+            show(event)
+
+    return send
 
 
 # ------------------------------------------------------------------------ logs and Ray's chatter

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,27 @@ def test_what_the_raylet_pushes_to_the_driver_goes_to_the_log_not_the_console(mo
     driver_messages_to_log(False)  # --verbose: Ray prints again
     ray_worker.print_to_stdstream({"lines": ["shown"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     assert "shown" in capsys.readouterr().out and len(records) == 1
+
+
+def test_events_reach_the_driver_console_and_a_lost_queue_never_fails_the_worker(ray_local, capsys):
+    import ray
+
+    from clippy_ray.console import PREFIX, EventQueue, emitter
+
+    out = io.StringIO()
+    with EventQueue(Console(out, tty=False)) as events:
+        send = emitter(events.queue)
+        send({"kind": "start", "text": "run x: 2 steps"})
+    assert out.getvalue().splitlines() == ["[clippy-ray] run x: 2 steps"]
+    deadline = time.time() + 30  # ray.kill only asks: wait until the actor is really gone
+    while time.time() < deadline:
+        try:
+            ray.get(events.queue.actor.qsize.remote())
+        except ray.exceptions.RayActorError:
+            break
+        time.sleep(0.1)
+    capsys.readouterr()
+    # the queue is gone (as when its node is lost): the worker's event goes to its own log, no error
+    send({"kind": "step", "text": "step 1/2 | loss 2.0", "step": 1, "total": 2})
+    assert capsys.readouterr().out == f"{PREFIX} step 1/2 | loss 2.0\n"
+    assert out.getvalue().splitlines() == ["[clippy-ray] run x: 2 steps"]

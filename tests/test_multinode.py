@@ -404,6 +404,10 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
         assert "failed" not in job_status(cluster, "lossy").lower(), _logs(cluster, "lossy")[-6000:]
         time.sleep(0.5)
     victim_node = next(a["node_id"] for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE")
+    # the console's event queue is on the driver's node (the head, for a submitted job), never on a
+    # training node whose loss would take the run's progress channel, and so the run, with it
+    (queue,) = cluster.actors("_QueueActor", alive=True)
+    assert queue["node_id"] == cluster.job("lossy")["driver_node_id"] != victim_node, queue
     victim = next(name for name, nid in cluster.node_ids.items() if nid == victim_node)
     reached = max(int(m) for m in re.findall(r"step (\d+)/\d+ \|", _logs(cluster, "lossy")))
     cluster.remove_node(victim, graceful=False)
