@@ -244,7 +244,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 0
     check_inputs(sweep, trials)
     with _ray_session(args, storage.join(sweep.storage, sweep.name)):
-        rows = run_sweep(sweep, trials)
+        rows = run_sweep(sweep, trials, verbose=args.verbose)
     print(markdown_table(sweep, rows), end="")
     print(
         f"[clippy-ray] results: {storage.join(sweep.storage, sweep.name, 'results.md')} (+ results.json, results.png)"

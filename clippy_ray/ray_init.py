@@ -35,8 +35,20 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
         ray_logger.handlers = []
         ray_logger.propagate = True
     driver_messages_to_log(not verbose)
+    if not verbose:
+        _ray_data_console_off()
     # Datasets copy this context when they are made, so the bars stay off in Ray's own actors too.
     DataContext.get_current().enable_progress_bars = verbose
+
+
+def _ray_data_console_off() -> None:
+    """Ray Data gives its logger a console handler of its own at import (every dataset's "Starting
+    execution of ..." and "Execution plan ..." lines, a warning that the bars are off). Drop it: its
+    file handler keeps writing `ray-data.log` in Ray's session logs, which the run folder gets."""
+    from ray._private.log import PlainRayHandler
+
+    data_logger = logging.getLogger("ray.data")
+    data_logger.handlers = [h for h in data_logger.handlers if not isinstance(h, PlainRayHandler)]
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -191,3 +191,25 @@ def test_events_reach_the_driver_console_and_a_lost_queue_never_fails_the_worker
     send({"kind": "step", "text": "step 1/2 | loss 2.0", "step": 1, "total": 2})
     assert capsys.readouterr().out == f"{PREFIX} step 1/2 | loss 2.0\n"
     assert out.getvalue().splitlines() == ["[clippy-ray] run x: 2 steps"]
+
+
+def test_ray_datas_own_console_lines_stay_in_its_log_file(monkeypatch, capsys):
+    import logging
+
+    import ray.data  # noqa: F401 - gives the "ray.data" logger its handlers
+
+    from clippy_ray.ray_init import _ray_data_console_off
+
+    logger = logging.getLogger("ray.data")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # Ray Data's own, restored after
+    records: list[logging.LogRecord] = []
+    kept = logging.Handler()  # stands for its file handler (ray-data.log)
+    kept.emit = records.append
+    logger.addHandler(kept)
+    executor = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    executor.info("Starting execution of Dataset d_0")
+    assert "Starting execution of Dataset d_0" in capsys.readouterr().err  # as Ray Data ships it
+    _ray_data_console_off()
+    executor.info("Starting execution of Dataset d_1")
+    assert capsys.readouterr().err == ""
+    assert [r.getMessage() for r in records] == [f"Starting execution of Dataset d_{i}" for i in (0, 1)]

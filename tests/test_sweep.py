@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -62,10 +63,22 @@ def sweep_files(tmp_path_factory, ray_local):
     return root
 
 
-def test_a_two_trial_sweep_fills_the_table_from_real_evaluations_and_resumes(sweep_files):
+def test_a_two_trial_sweep_fills_the_table_from_real_evaluations_and_resumes(sweep_files, capsys):
     sweep, trials = load_sweep(str(sweep_files / "sweep.yaml"))
     rows = run_sweep(sweep, trials, log=lambda *_: None)
     assert [r["label"] for r in rows] == ["max", "avg"]
+    # the console: a line per trial event, not Tune's status table
+    console = capsys.readouterr().out
+    lines = [ln for ln in console.splitlines() if ln.startswith("[sweep] max")]
+    assert lines[0] == "[sweep] max started", console
+    assert re.fullmatch(r"\[sweep\] max step 2/4 \| loss \d+\.\d{4}( \| val loss \d+\.\d{3})?", lines[1]), console
+    assert re.fullmatch(
+        r"\[sweep\] max finished in \d+m\d\ds: cls top-1 [\d.]+ \| seg mIoU [\d.]+ \| unsup Jaccard [\d.]+ "
+        r"\| robust gap -?[\d.]+ \| val loss [\d.]+",
+        lines[-1],
+    ), console
+    assert f"seg mIoU {rows[0]['seg_miou']:.1f}" in lines[-1]
+    assert all(ln.startswith("[sweep] ") for ln in console.splitlines() if ln.strip()), console  # nothing else
     for r in rows:
         assert r["status"] == "finished" and r["step"] == 4
         for key in ("cls_top1", "seg_miou", "unsup_jaccard", "robust_gap"):

@@ -8,15 +8,19 @@ shape of the paper's Table 3 and a bar plot (tune/results.py), written next to t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from clippy_ray import config, storage
 from clippy_ray.tune.config import SweepConfig
 from clippy_ray.tune.grid import asha_never_stops, label, settings
 from clippy_ray.tune.results import METRICS, write_results
+
+PREFIX = "[sweep]"
 
 # ------------------------------------------------------------------------------- one trial
 
@@ -125,8 +129,54 @@ def dry_run(sweep: SweepConfig, trials: list[config.Config]) -> list[str]:
     return lines
 
 
-def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> list[dict]:
-    """Run (or resume) the sweep; write results.md / results.json / results.png; return the rows."""
+class TrialLines(Callback):
+    """The sweep's console: one line per trial event (started, each training report, finished with
+    its evaluation's numbers, stopped early, failed), in place of Tune's status table every 30 s.
+    It prints rather than holding a function: Tune pickles it with the experiment, and a resumed
+    sweep brings it back."""
+
+    def __init__(self, sweep: SweepConfig, steps: dict[str, int]):
+        self.sweep = sweep
+        self.steps = steps  # label -> the trial's train.steps
+
+    def _name(self, trial) -> str:
+        return label(self.sweep, (trial.config or {}).get("setting", {}))
+
+    def _say(self, text: str) -> None:
+        print(f"{PREFIX} {text}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(f"{self._name(trial)} started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("finished") or "loss" not in result:
+            return  # the last report (with the evaluation) is the completion line
+        name = self._name(trial)
+        text = f"{name} step {result.get('step', '?')}/{self.steps.get(name, '?')} | loss {result['loss']:.4f}"
+        if result.get("val_loss") is not None:
+            text += f" | val loss {result['val_loss']:.3f}"
+        self._say(text)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        name = self._name(trial)
+        if not last.get("finished"):
+            self._say(f"{name} stopped early at step {last.get('step', '?')}")
+            return
+        numbers = [f"{title.split(' (')[0]} {last[key]:.1f}" for key, title in METRICS if last.get(key) is not None]
+        if last.get("val_loss") is not None:
+            numbers.append(f"val loss {last['val_loss']:.3f}")
+        took = last.get("time_total_s", 0)
+        self._say(f"{name} finished in {int(took // 60)}m{int(took % 60):02d}s: " + " | ".join(numbers))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        where = f" (details: {trial.error_file})" if trial.error_file else ""
+        self._say(f"{self._name(trial)} failed{where}")
+
+
+def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print, verbose: bool = False) -> list[dict]:
+    """Run (or resume) the sweep; write results.md / results.json / results.png; return the rows.
+    The console gets one line per trial event (`TrialLines`); `verbose` adds Tune's status table."""
     from ray import tune
 
     from clippy_ray.train.trainer import run_storage
@@ -134,7 +184,7 @@ def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> lis
     # Training reports carry val_loss only on validation steps; ASHA skips the others.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if note := asha_never_stops(sweep, trials):
-        log(f"[sweep] note: {note}")
+        log(f"{PREFIX} note: {note}")
     resolved = {label(sweep, s): config.to_dict(t) for s, t in zip(settings(sweep), trials)}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=config.to_dict(sweep), trials=resolved), {"cpu": sweep.trial_cpus}
@@ -148,11 +198,11 @@ def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> lis
             f"{storage.join(sweep.storage, sweep.name)}: {str(err).strip().splitlines()[0]}"
         ) from None
     if resumable:
-        log(f"[sweep] resuming {storage.join(sweep.storage, sweep.name)} (finished trials are kept)")
+        log(f"{PREFIX} resuming {storage.join(sweep.storage, sweep.name)} (finished trials are kept)")
         tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True, storage_filesystem=fs)
     else:
         grid = settings(sweep)
-        log(f"[sweep] {len(grid)} trials: " + ", ".join(label(sweep, s) for s in grid))
+        log(f"{PREFIX} {len(grid)} trials: " + ", ".join(label(sweep, s) for s in grid))
         tuner = tune.Tuner(
             trainable,
             param_space={"setting": tune.grid_search(grid)},
@@ -160,13 +210,39 @@ def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print) -> lis
                 scheduler=_scheduler(sweep, max(t.train.steps for t in trials)),
                 max_concurrent_trials=sweep.max_concurrent_trials,
             ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=path, storage_filesystem=fs, verbose=1),
+            run_config=tune.RunConfig(
+                name=sweep.name,
+                storage_path=path,
+                storage_filesystem=fs,
+                verbose=1 if verbose else 0,
+                callbacks=[TrialLines(sweep, {label(sweep, s): t.train.steps for s, t in zip(grid, trials)})],
+            ),
         )
     _start_ray_data_here()
-    results = tuner.fit()
+    with _tune_output(verbose):
+        results = tuner.fit()
     rows = collect_rows(sweep, results)
     write_results(sweep, rows)
     return rows
+
+
+@contextlib.contextmanager
+def _tune_output(verbose: bool):
+    """Tune's new output engine prints its experiment box and a closing status table whatever
+    `verbose` says; its legacy engine prints nothing at verbose 0. Quiet: the legacy one, for the
+    time of the run (TrialLines is the console then)."""
+    if verbose:
+        yield
+        return
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
 
 
 def _start_ray_data_here() -> None:
