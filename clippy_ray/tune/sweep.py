@@ -36,7 +36,7 @@ def run_trial(params: dict, sweep: dict, trials: dict) -> None:
     from clippy_ray.train.progress import open_wandb
     from clippy_ray.train.trainer import checkpoint_uri, fit
 
-    DataContext.get_current().enable_progress_bars = False  # Tune's trial table is the progress here
+    DataContext.get_current().enable_progress_bars = False  # the sweep's trial lines are the progress here
     sw = config.from_dict(sweep, SweepConfig)
     name = label(sw, params["setting"])
     cfg = config.from_dict(trials[name])  # resolved on the driver (paths, base file)
