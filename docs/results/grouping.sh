@@ -51,8 +51,38 @@ $clippy segment "${models[@]}" --image "$voc" --out "$out/voc_sample.png" \
   ablation-grouping ablation-grouping-axes
 stamp "pictures"
 
-# 6. The numbers the page quotes, in one file: both sweeps' tables and the resolution table
+# 6. The numbers the page quotes, in one file: the paper's table (Table 3's columns, from both
+#    sweeps' results.json), both sweeps' own tables, and the resolution table
 {
+  .venv/bin/python - "$sweeps" <<'PY'
+import json, sys
+from pathlib import Path
+
+root = Path(sys.argv[1])
+agg = json.loads((root / "ablation-grouping/results.json").read_text())["rows"]
+axes = json.loads((root / "ablation-grouping-axes/results.json").read_text())["rows"]
+keys = ("seg_miou", "unsup_jaccard", "cls_top1")
+
+def cell(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return "—"
+    mean = f"{sum(values) / len(values):.1f}"
+    return mean if len(values) == 1 else f"{mean} ({' / '.join(f'{v:.1f}' for v in values)})"
+
+print("| aggregation | image init | text init | token sub-sampling | seeds | seg mIoU (%) | unsup Jaccard (%) | cls top-1 (%) |")
+print("|---|---|---|---|---|---|---|---|")
+lines = [(a, "DINOv2", "MiniLM", "0.5", [r for r in agg if r["setting"]["aggregation"] == a]) for a in ("max", "avg", "cls")]
+names = {"ssl": "DINOv2", "sentence": "MiniLM", "random": "random"}
+for r in axes:
+    s = r["setting"]
+    sub = "off" if s["token_subsampling"] == "off" else str(s["token_subsampling"])
+    lines.append(("max", names[s["image_init"]], names[s["text_init"]], sub, [r]))
+for a, image, text, sub, rows in lines:
+    seeds = ", ".join(str(r["setting"].get("train.seed", 0)) for r in rows)
+    print(f"| {a} | {image} | {text} | {sub} | {seeds} | " + " | ".join(cell(rows, k) for k in keys) + " |")
+PY
+  echo
   sed -n '/^| /,$p' "$sweeps/ablation-grouping/results.md"
   echo
   sed -n '/^| /,$p' "$sweeps/ablation-grouping-axes/results.md" | sed '/^## Over seeds/,$d'
