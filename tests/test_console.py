@@ -196,16 +196,19 @@ def test_events_reach_the_driver_console_and_a_lost_queue_never_fails_the_worker
 def test_ray_datas_own_console_lines_stay_in_its_log_file(monkeypatch, capsys):
     import logging
 
-    import ray.data  # noqa: F401 - gives the "ray.data" logger its handlers
+    from ray._private.log import PlainRayHandler
 
     from clippy_ray.ray_init import _ray_data_console_off
 
     logger = logging.getLogger("ray.data")
-    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # Ray Data's own, restored after
     records: list[logging.LogRecord] = []
     kept = logging.Handler()  # stands for its file handler (ray-data.log)
     kept.emit = records.append
-    logger.addHandler(kept)
+    # as `import ray.data` leaves the logger, whatever an earlier init_ray in this process did (restored after)
+    monkeypatch.setattr(logger, "handlers", [kept, PlainRayHandler()])
+    monkeypatch.setattr(logger, "level", logging.DEBUG)
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(logger, "disabled", False)
     executor = logging.getLogger("ray.data._internal.execution.streaming_executor")
     executor.info("Starting execution of Dataset d_0")
     assert "Starting execution of Dataset d_0" in capsys.readouterr().err  # as Ray Data ships it
