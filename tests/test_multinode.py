@@ -427,10 +427,12 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
     # restored from the checkpoint Ray had registered last, at most one interval behind
     assert step % every == 0 and 0 <= reached - step <= every, (reached, step)
     assert position == saved["data_position"] > 0
-    # the new stream began at exactly that position and read on from it: the rows it handed out are
-    # the ones the remaining steps took plus what each worker held at the end (its 16-row shuffle
-    # buffer and at most one block, here one 64-row file), none from before it
-    assert final["data_start"] == position, final
+    # the new stream began at that position and read on from it: the rows it handed out are the ones
+    # the remaining steps took plus what each worker held at the end (its 16-row shuffle buffer and
+    # at most one block, here one 64-row file), none from before it. (data_start is the first block
+    # to arrive; with decode tasks finishing out of order it can be a later one, at most one per task
+    # in flight: seen once in CI, 192 for position 128)
+    assert position <= final["data_start"] <= position + 2 * 64, final
     remaining = (steps - step) * 8
     assert remaining <= final["data_position"] - position <= remaining + 2 * (16 + 64), final
     assert final["step"] == steps
