@@ -244,3 +244,17 @@ def test_bf16_training_follows_fp32_within_the_stated_tolerance(record):
     assert fp32[-5:].mean() < fp32[:5].mean() / 4  # it learns, so the comparison means something
     gap = (bf16 - fp32).abs()
     assert gap.max() < PARITY_TOLERANCE, (bf16.tolist(), fp32.tolist())
+
+
+def test_a_resumed_run_reads_the_precision_its_checkpoint_was_trained_in(tmp_path):
+    import json
+
+    from clippy_ray.train.loop import saved_precision
+
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "train_state.json").write_text(json.dumps({"step": 6, "precision": "fp32"}))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "train_state.json").write_text(json.dumps({"step": 6}))
+    assert saved_precision(str(tmp_path / "fp32")) == "fp32"
+    assert saved_precision(str(tmp_path / "old")) is None  # written before it was recorded: auto decides
+    assert saved_precision(str(tmp_path / "missing")) is None

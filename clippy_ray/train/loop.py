@@ -136,7 +136,7 @@ def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokeni
         if rank == 0:
             export_handoff(model, weights, cfg, tokenizer, os.path.join(tmp, HANDOFF_DIR))
             with open(os.path.join(tmp, "train_state.json"), "w") as f:
-                json.dump({**asdict(state), **metrics}, f)
+                json.dump({**asdict(state), **metrics, "precision": cfg.train.precision}, f)
         ray.train.report(
             {**metrics, **asdict(state)},  # data_position: what trainer.resume_point reads back
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -152,6 +152,18 @@ def restore(engine, checkpoint_dir: str, source: str) -> TrainState:
     return TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
 
 
+def saved_precision(uri: str) -> str | None:
+    """The precision (bf16 / fp32) a checkpoint was trained in, from its train_state.json; None for
+    a checkpoint that does not record it."""
+    from clippy_ray import storage
+
+    try:
+        saved = json.loads(storage.read_bytes(f"{uri}/train_state.json")).get("precision")
+    except (OSError, ValueError, storage.StorageError):
+        return None
+    return saved if saved in ("bf16", "fp32") else None
+
+
 def train_loop(loop_config: dict) -> None:
     import ray.train
 
@@ -162,8 +174,13 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
 
-    # Build (precision first: the DeepSpeed config and the handoff's config record the resolved one)
-    choice = agree_precision(cfg.train.precision, device, cfg.train.zero_stage)
+    # Build (precision first: the DeepSpeed config and the handoff's config record the resolved one).
+    # A restarted attempt keeps the precision its checkpoint was trained in: `auto` decided again
+    # (a matmul race, on a loaded machine) can pick the other one, whose shards do not load.
+    requested = cfg.train.precision
+    if requested == "auto" and ray.train.get_checkpoint() is not None:
+        requested = saved_precision(checkpoint_uri(cfg, ray.train.get_checkpoint())) or requested
+    choice = agree_precision(requested, device, cfg.train.zero_stage)
     cfg.train.precision = choice.precision
     loss_dtype = precision.matmul_dtype(cfg.loss.matmul_dtype, choice.precision)
     cfg.loss.matmul_dtype = str(loss_dtype).removeprefix("torch.")
