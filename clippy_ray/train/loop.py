@@ -177,16 +177,16 @@ def train_loop(loop_config: dict) -> None:
     # Build (precision first: the DeepSpeed config and the handoff's config record the resolved one).
     # A restarted attempt keeps the precision its checkpoint was trained in: `auto` decided again
     # (a matmul race, on a loaded machine) can pick the other one, whose shards do not load.
+    checkpoint, init_from = ray.train.get_checkpoint(), loop_config.get("init_from")
     requested = cfg.train.precision
-    if requested == "auto" and ray.train.get_checkpoint() is not None:
-        requested = saved_precision(checkpoint_uri(cfg, ray.train.get_checkpoint())) or requested
+    if requested == "auto" and checkpoint is not None:
+        requested = saved_precision(checkpoint_uri(cfg, checkpoint)) or requested
     choice = agree_precision(requested, device, cfg.train.zero_stage)
     cfg.train.precision = choice.precision
     loss_dtype = precision.matmul_dtype(cfg.loss.matmul_dtype, choice.precision)
     cfg.loss.matmul_dtype = str(loss_dtype).removeprefix("torch.")
     tokenizer = build_tokenizer(cfg.model.text)
     model = build_model(cfg.model, tokenizer.vocab_size)
-    checkpoint, init_from = ray.train.get_checkpoint(), loop_config.get("init_from")
     from_weights = checkpoint is None and init_from and loop_config.get("init_mode", "weights") == "weights"
     if from_weights:  # the handoff's safetensors, before DeepSpeed copies the weights; no shard is read
         load_weights(model, init_from)
