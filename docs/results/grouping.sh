@@ -83,9 +83,9 @@ for a, image, text, sub, rows in lines:
     print(f"| {a} | {image} | {text} | {sub} | {seeds} | " + " | ".join(cell(rows, k) for k in keys) + " |")
 PY
   echo
-  sed -n '/^| /,$p' "$sweeps/ablation-grouping/results.md"
+  sed -n '/^| /,$p' "$sweeps/ablation-grouping/results.md" | grep -v '^!\['   # the sweeps' own plots are copied above
   echo
-  sed -n '/^| /,$p' "$sweeps/ablation-grouping-axes/results.md" | sed '/^## Over seeds/,$d'
+  sed -n '/^| /,$p' "$sweeps/ablation-grouping-axes/results.md" | sed '/^## Over seeds/,$d' | grep -v '^!\['
   echo
   echo "| model | resolution (px) | seg mIoU (%) | unsup Jaccard (%) |"
   echo "|---|---|---|---|"
