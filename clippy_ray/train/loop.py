@@ -158,7 +158,7 @@ def saved_precision(uri: str) -> str | None:
     from clippy_ray import storage
 
     try:
-        saved = json.loads(storage.read_bytes(f"{uri}/train_state.json")).get("precision")
+        saved = json.loads(storage.read_bytes(storage.join(uri, "train_state.json"))).get("precision")
     except (OSError, ValueError, storage.StorageError):
         return None
     return saved if saved in ("bf16", "fp32") else None
