@@ -21,6 +21,7 @@ from clippy_ray.loss import ContrastiveLoss, blockwise_loss, gather_with_grad
 from clippy_ray.model import build_model
 from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff, load_weights
 from clippy_ray.tokenizer import build_tokenizer
+from clippy_ray.train import optim
 from clippy_ray.train.checkpoint import DEEPSPEED_TAG, full_state_dict, load_shards
 from clippy_ray.train.engine import build_engine
 from clippy_ray.train.progress import Progress
@@ -136,7 +137,8 @@ def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokeni
         if rank == 0:
             export_handoff(model, weights, cfg, tokenizer, os.path.join(tmp, HANDOFF_DIR))
             with open(os.path.join(tmp, "train_state.json"), "w") as f:
-                json.dump({**asdict(state), **metrics, "precision": cfg.train.precision}, f)
+                saved = {**asdict(state), **metrics, "precision": cfg.train.precision}
+                json.dump({**saved, "param_layout": optim.layout(model)}, f)
         ray.train.report(
             {**metrics, **asdict(state)},  # data_position: what trainer.resume_point reads back
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -147,6 +149,10 @@ def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokeni
 def restore(engine, checkpoint_dir: str, source: str) -> TrainState:
     """Resume the full state (weights, optimizer, schedule, data position) from a checkpoint folder's
     DeepSpeed shards, read without running pickled code; `source` (its URI) names a bad shard."""
+    state_file = os.path.join(checkpoint_dir, "train_state.json")
+    if os.path.exists(state_file):  # rank 0 writes it; Ray hands every rank the whole folder
+        with open(state_file) as f:
+            optim.check_layout(engine.module, json.load(f), source)
     client = load_shards(engine, checkpoint_dir, source)
     saved = (client or {}).get("train_state") or {}
     return TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
