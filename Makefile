@@ -40,6 +40,7 @@ demo: setup
 bench: setup
 	$(PY) bench/loss_memory.py
 	$(PY) bench/throughput.py
+	$(PY) bench/profile_step.py
 	$(PY) bench/step_overhead.py
 	$(PY) bench/ingest.py
 	$(PY) bench/eval_scaling.py

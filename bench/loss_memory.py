@@ -42,8 +42,8 @@ def main() -> None:
         r = out[name]
         memory = r["peak_bytes"]["values"]
         memory = common.describe(mib(memory), "{:.0f}") + " MiB" if memory[0] is not None else "n/a"
-        seconds = common.describe(r["seconds"]["values"])
-        print(f"  {name:9s}  peak memory {memory}   fwd+bwd {seconds} s   loss {r['loss']['median']:.6f}")
+        ms = common.describe([x * 1e3 for x in r["seconds"]["values"]], "{:.1f}")
+        print(f"  {name:9s}  peak memory {memory}   fwd+bwd {ms} ms   loss {r['loss']['median']:.6f}")
     ratios = out["fused_over_reference"]
     if "peak_bytes" in ratios:
         memory = common.describe(ratios["peak_bytes"]["values"], "{:.3f}")

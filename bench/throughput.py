@@ -27,19 +27,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (2048 CPU, 8192 GPU)")
     parser.add_argument("--peak-seconds", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (in place) first")
     common.add_json_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
     setup = throughput.prepare(args.config, args.overrides, args.batch, device)
-    out = throughput.run(setup, args.steps, args.warmup, args.reps, peak_size, args.peak_seconds)
+    out = throughput.run(setup, args.steps, args.warmup, args.reps, peak_size, args.peak_seconds, args.compile)
     flops, image = out["model_flops_per_sample"], setup.cfg.model
     keep = f"keep ratio {image.token_keep_ratio}" if image.token_keep_ratio else f"keep {image.token_keep_count}"
     g = lambda x: f"{x / 1e9:.1f}"  # noqa: E731
     print(
         f"{' '.join([args.config, *args.overrides])}: 1 worker on {out['device']}, {out['precision']} "
         f"({setup.precision.reason}), ZeRO-{out['zero_stage']}, batch {args.batch}, "
-        f"{out['parameters'] / 1e6:.1f}M parameters; {args.reps} reps of {args.steps} steps after {args.warmup}, "
+        f"{out['parameters'] / 1e6:.1f}M parameters{', compiled' if args.compile else ''}; "
+        f"{args.reps} reps of {args.steps} steps after {args.warmup}, "
         "median (min-max)"
     )
     print(
@@ -60,9 +62,9 @@ def main() -> None:
             f"({out['datasheet_peak_flops'] / 1e12:.0f} TFLOP/s)"
         )
     shown = [
-        f"--{k.replace('_', '-')} {v}"
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
         for k, v in vars(args).items()
-        if v is not None and k not in ("json", "overrides")
+        if v is not None and v is not False and k not in ("json", "overrides")
     ]
     print("reproduce: python bench/throughput.py " + " ".join(shown + [repr(o) for o in args.overrides]))
     common.write_json(args.json, "throughput", args, out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -124,19 +125,32 @@ def prepare(config_path: str, overrides: list[str], batch: int, device: torch.de
     return Setup(cfg, device, choice, batch)
 
 
-def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_seconds: float) -> dict:
-    """Warm-up, then `reps` x (dense matmul peak, `steps` timed training steps), interleaved."""
+@dataclass
+class Step:
+    """The worker's training step, built: `train_steps(n)` runs n steps and returns the seconds."""
+
+    train_steps: Callable[[int], float]
+    flops: dict[str, float]
+    parameters: int
+
+
+def build_step(setup: Setup, compile_model: bool = False) -> Step:
+    """Model, loss and DeepSpeed engine as a training worker builds them, on one synthetic batch.
+    `compile_model`: torch.compile the model in place (state-dict keys unchanged) before DeepSpeed
+    wraps it; compilation then happens in the first steps."""
     from clippy_ray.train.engine import build_engine
 
-    cfg, device, chosen = setup.cfg, setup.device, setup.precision.precision
-    dtype = precision.TORCH_DTYPES[chosen]
+    cfg, device = setup.cfg, setup.device
+    chosen = setup.precision.precision
     loss_fn = ContrastiveLoss(precision.matmul_dtype(cfg.loss.matmul_dtype, chosen), cfg.loss.chunk_size)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size).to(device)
     params = sum(p.numel() for p in model.parameters())
     flops = model_flops_per_sample(model, synthetic_batch(cfg, setup.batch, torch.float32, device), loss_fn)
+    if compile_model:
+        model.compile()
     engine = build_engine(model, cfg.train)
-    inputs = synthetic_batch(cfg, setup.batch, dtype, device)
+    inputs = synthetic_batch(cfg, setup.batch, precision.TORCH_DTYPES[chosen], device)
 
     def train_steps(n: int) -> float:
         synchronize(device)
@@ -148,11 +162,23 @@ def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_s
         synchronize(device)
         return time.perf_counter() - start
 
-    train_steps(warmup)
+    return Step(train_steps, flops, params)
+
+
+def run(
+    setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_seconds: float, compile_model: bool = False
+) -> dict:
+    """Warm-up (compilation included), then `reps` x (dense matmul peak, `steps` timed training
+    steps), interleaved."""
+    cfg, device, chosen = setup.cfg, setup.device, setup.precision.precision
+    dtype = precision.TORCH_DTYPES[chosen]
+    step = build_step(setup, compile_model)
+    flops = step.flops
+    warmup_seconds = step.train_steps(warmup)
     peaks, rates = [], []
     for _ in range(reps):
         peaks.append(precision.matmul_gflops(dtype, peak_size, peak_seconds, str(device)) * 1e9)
-        rates.append(setup.batch * steps / train_steps(steps))
+        rates.append(setup.batch * steps / step.train_steps(steps))
     achieved = [r * flops["as_trained"] for r in rates]
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -160,7 +186,9 @@ def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_s
         "precision_reason": setup.precision.reason,
         "zero_stage": cfg.train.zero_stage,
         "batch_per_worker": setup.batch,
-        "parameters": params,
+        "compiled": compile_model,
+        "warmup_seconds": warmup_seconds,
+        "parameters": step.parameters,
         "model_flops_per_sample": flops,
         "images_per_s": spread(rates),
         "achieved_flops": spread(achieved),
