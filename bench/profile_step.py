@@ -19,14 +19,10 @@ from clippy_ray.benchmarks import common, throughput
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--batch", type=int, default=32, help="pairs per step on this worker")
+    throughput.add_step_arguments(parser)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=15, help="operators listed")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (in place) first")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_json_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -18,16 +18,12 @@ from clippy_ray.benchmarks import common, throughput
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.image.timm_kwargs={depth: 2}")
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--batch", type=int, default=32, help="pairs per step on this worker")
+    throughput.add_step_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per repetition")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (2048 CPU, 8192 GPU)")
     parser.add_argument("--peak-seconds", type=float, default=1.0)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (in place) first")
     common.add_json_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)

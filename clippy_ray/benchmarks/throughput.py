@@ -45,6 +45,16 @@ _EXTRA_FORMULAS = {
 }
 
 
+def add_step_arguments(parser) -> None:
+    """The options of the benches that build the training step (build_step): config, overrides,
+    batch, device and --compile."""
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.image.timm_kwargs={depth: 2}")
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--batch", type=int, default=32, help="pairs per step on this worker")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (in place) first")
+
+
 def datasheet_tflops(device: torch.device, precision_name: str) -> float | None:
     if device.type != "cuda":
         return None
