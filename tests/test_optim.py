@@ -1,5 +1,5 @@
 """The optimizer's parameter groups: their order keeps DeepSpeed's flat bf16 buffers aligned, and a
-checkpoint saved under another order is refused, not loaded into the wrong parameters."""
+resumed run keeps the order its checkpoint's optimizer state was saved in."""
 
 from __future__ import annotations
 
@@ -30,20 +30,28 @@ def test_parameters_of_odd_size_come_last_in_their_group_and_none_is_lost():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}
     # packed back to back as DeepSpeed's ZeRO-1/2 flat buffer is, each starts on a 16-byte boundary
+    names = {id(p): name for name, p in model.named_parameters()}
     offset, misaligned = 0, []
-    for name, p in ((n, p) for g in groups for p in g["params"] for n, q in model.named_parameters() if q is p):
+    for p in (p for g in groups for p in g["params"]):
         if p.numel() % 8 == 0 and (offset * 2) % 16:  # bf16: 2 bytes per element
-            misaligned.append(name)
+            misaligned.append(names[id(p)])
         offset += p.numel()
     assert misaligned == []
 
 
-def test_a_checkpoint_saved_under_another_parameter_order_is_refused_with_the_fix():
-    model = _model()
-    optim.check_layout(model, {"param_layout": optim.layout(model)}, "s3://b/run/step_10")  # this version's
-    # a checkpoint that records no layout was saved when logit_scale came first among the undecayed
-    assert optim.layout(model, order=list) != optim.layout(model)
-    for saved in ({}, {"param_layout": "0123456789abcdef"}):
-        with pytest.raises(UserError) as err:
-            optim.check_layout(model, saved, "s3://b/run/step_10")
-        assert "s3://b/run/step_10" in str(err.value) and "--from-mode weights" in str(err.value)
+def test_a_resumed_run_builds_its_optimizer_in_the_order_its_checkpoint_was_saved_in():
+    model, source = _model(), "s3://b/run/step_10"
+    assert optim.layout(model, order=list) != optim.layout(model)  # logit_scale moved: the orders differ
+    assert optim.resume_order(model, {"param_layout": optim.layout(model)}, source) is optim.aligned_order
+    assert optim.resume_order(model, {"param_layout": optim.layout(model, list)}, source) is list
+    # saved before the order was recorded: the model's own order, as clippy-ray then built it
+    assert optim.resume_order(model, {"step": 10}, source) is list
+
+
+@pytest.mark.parametrize("saved", [{"param_layout": "0123456789abcdef"}, None])
+def test_optimizer_state_of_other_parameters_or_an_unreadable_record_is_refused_with_the_fix(saved):
+    with pytest.raises(UserError) as err:
+        optim.resume_order(_model(), saved, "s3://b/run/step_10")
+    message = str(err.value)
+    assert message.startswith("s3://b/run/step_10: ") and "\n" not in message
+    assert ("--from-mode weights" in message) if saved else ("train_state.json" in message)

@@ -260,12 +260,14 @@ def test_bf16_training_follows_fp32_within_the_stated_tolerance(record):
 def test_a_resumed_run_reads_the_precision_its_checkpoint_was_trained_in(tmp_path):
     import json
 
-    from clippy_ray.train.loop import saved_precision
+    from clippy_ray.train.loop import saved_precision, saved_train_state
 
     (tmp_path / "fp32").mkdir()
     (tmp_path / "fp32" / "train_state.json").write_text(json.dumps({"step": 6, "precision": "fp32"}))
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "train_state.json").write_text(json.dumps({"step": 6}))
-    assert saved_precision(str(tmp_path / "fp32")) == "fp32"
-    assert saved_precision(str(tmp_path / "old")) is None  # written before it was recorded: auto decides
-    assert saved_precision(str(tmp_path / "missing")) is None
+    assert saved_precision(saved_train_state(str(tmp_path / "fp32"))) == "fp32"
+    # written before it was recorded, or unreadable: auto decides
+    assert saved_precision(saved_train_state(str(tmp_path / "old"))) is None
+    assert saved_train_state(str(tmp_path / "missing")) is None
+    assert saved_precision(None) is None

@@ -38,14 +38,15 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return conf
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig):
-    """deepspeed.initialize on the existing process group (Ray Train made it)."""
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, order=None):
+    """deepspeed.initialize on the existing process group (Ray Train made it). `order`: of the
+    parameters in the optimizer's groups (optim.param_groups; a resumed run keeps its checkpoint's)."""
     import deepspeed
 
     from clippy_ray._compat import skip_deepspeed_shm_op
 
     skip_deepspeed_shm_op()
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, order)
     # A factory, so the schedule drives the optimizer DeepSpeed wraps (and is saved with it).
     schedule = lr_lambda(cfg)
     logit_scale = model.logit_scale.detach().float().clone()  # before DeepSpeed rounds it to bf16

@@ -125,7 +125,9 @@ def validate(engine, shard, cfg: config.Config, dtype: torch.dtype) -> dict[str,
     }
 
 
-def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokenizer, metrics: dict) -> None:
+def save_checkpoint(
+    engine, model, state: TrainState, cfg: config.Config, tokenizer, metrics: dict, layout: str
+) -> None:
     """DeepSpeed shards from every rank + the handoff export from rank 0, reported as one
     checkpoint. Ray registers it only once every rank's part is stored: complete or absent."""
     import ray.train
@@ -137,8 +139,7 @@ def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokeni
         if rank == 0:
             export_handoff(model, weights, cfg, tokenizer, os.path.join(tmp, HANDOFF_DIR))
             with open(os.path.join(tmp, "train_state.json"), "w") as f:
-                saved = {**asdict(state), **metrics, "precision": cfg.train.precision}
-                json.dump({**saved, "param_layout": optim.layout(model)}, f)
+                json.dump({**asdict(state), **metrics, "precision": cfg.train.precision, "param_layout": layout}, f)
         ray.train.report(
             {**metrics, **asdict(state)},  # data_position: what trainer.resume_point reads back
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -149,24 +150,25 @@ def save_checkpoint(engine, model, state: TrainState, cfg: config.Config, tokeni
 def restore(engine, checkpoint_dir: str, source: str) -> TrainState:
     """Resume the full state (weights, optimizer, schedule, data position) from a checkpoint folder's
     DeepSpeed shards, read without running pickled code; `source` (its URI) names a bad shard."""
-    state_file = os.path.join(checkpoint_dir, "train_state.json")
-    if os.path.exists(state_file):  # rank 0 writes it; Ray hands every rank the whole folder
-        with open(state_file) as f:
-            optim.check_layout(engine.module, json.load(f), source)
     client = load_shards(engine, checkpoint_dir, source)
     saved = (client or {}).get("train_state") or {}
     return TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
 
 
-def saved_precision(uri: str) -> str | None:
-    """The precision (bf16 / fp32) a checkpoint was trained in, from its train_state.json; None for
-    a checkpoint that does not record it."""
+def saved_train_state(uri: str) -> dict | None:
+    """A checkpoint's train_state.json (None where it cannot be read)."""
     from clippy_ray import storage
 
     try:
-        saved = json.loads(storage.read_bytes(storage.join(uri, "train_state.json"))).get("precision")
+        return json.loads(storage.read_bytes(storage.join(uri, "train_state.json")))
     except (OSError, ValueError, storage.StorageError):
         return None
+
+
+def saved_precision(train_state: dict | None) -> str | None:
+    """The precision (bf16 / fp32) a checkpoint was trained in, from its train_state.json; None for
+    a checkpoint that does not record it."""
+    saved = (train_state or {}).get("precision")
     return saved if saved in ("bf16", "fp32") else None
 
 
@@ -184,19 +186,25 @@ def train_loop(loop_config: dict) -> None:
     # A restarted attempt keeps the precision its checkpoint was trained in: `auto` decided again
     # (a matmul race, on a loaded machine) can pick the other one, whose shards do not load.
     checkpoint, init_from = ray.train.get_checkpoint(), loop_config.get("init_from")
+    from_weights = checkpoint is None and init_from and loop_config.get("init_mode", "weights") == "weights"
+    # the checkpoint whose full state this attempt resumes: this run's latest, else --from in full mode
+    resumed = checkpoint_uri(cfg, checkpoint) if checkpoint is not None else None if from_weights else init_from
+    saved = saved_train_state(resumed) if resumed else None
     requested = cfg.train.precision
     if requested == "auto" and checkpoint is not None:
-        requested = saved_precision(checkpoint_uri(cfg, checkpoint)) or requested
+        requested = saved_precision(saved) or requested
     choice = agree_precision(requested, device, cfg.train.zero_stage)
     cfg.train.precision = choice.precision
     loss_dtype = precision.matmul_dtype(cfg.loss.matmul_dtype, choice.precision)
     cfg.loss.matmul_dtype = str(loss_dtype).removeprefix("torch.")
     tokenizer = build_tokenizer(cfg.model.text)
     model = build_model(cfg.model, tokenizer.vocab_size)
-    from_weights = checkpoint is None and init_from and loop_config.get("init_mode", "weights") == "weights"
     if from_weights:  # the handoff's safetensors, before DeepSpeed copies the weights; no shard is read
         load_weights(model, init_from)
-    engine = build_engine(model, cfg.train)
+    # a resumed optimizer state loads only into the parameter order it was saved in
+    order = optim.resume_order(model, saved, resumed) if resumed else optim.aligned_order
+    layout = optim.layout(model, order)
+    engine = build_engine(model, cfg.train, order)
     dtype = choice.dtype
     loss_fn = ContrastiveLoss(loss_dtype, cfg.loss.chunk_size)
 
@@ -275,7 +283,7 @@ def train_loop(loop_config: dict) -> None:
         if metrics:
             progress.log(state.step, metrics)
         if checkpoint:
-            save_checkpoint(engine, model, state, cfg, tokenizer, metrics)
+            save_checkpoint(engine, model, state, cfg, tokenizer, metrics, layout)
             progress.checkpoint(state.step)
         elif metrics:
             ray.train.report({**metrics, **asdict(state)})

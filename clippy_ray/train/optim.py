@@ -49,25 +49,36 @@ def aligned_order(params: list[nn.Parameter]) -> list[nn.Parameter]:
 
 def layout(model: nn.Module, order: Callable[[list], list] | None = None) -> str:
     """Which parameters each optimizer group holds, in order, as a digest. DeepSpeed saves the
-    optimizer state (and, under ZeRO, the float32 masters) as flat per-group buffers, which load
-    into the right parameters only under the layout they were saved with."""
+    optimizer state (under ZeRO as flat per-group buffers with the float32 masters; without, per
+    parameter index), which loads into the right parameters only in the order it was saved in."""
     names = {id(p): name for name, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in param_groups(model, 0.0, order)]
     return hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:16]
 
 
-def check_layout(model: nn.Module, train_state: dict, source: str) -> None:
-    """Refuse to resume a checkpoint (its train_state.json: `train_state`) whose optimizer state was
-    saved under another layout: it would load moments and masters into the wrong parameters. One
-    that records none was saved before aligned_order, when each group kept the model's own order."""
-    saved = train_state.get("param_layout") or layout(model, order=list)
-    if saved != layout(model):
+def resume_order(model: nn.Module, train_state: dict | None, source: str) -> Callable[[list], list]:
+    """The order to build the optimizer's groups in when resuming the checkpoint at `source` (its
+    train_state.json: `train_state`): the one its optimizer state was saved in, so that state loads
+    into the right parameters. A checkpoint that records none was saved before aligned_order, in the
+    model's own order, and keeps it (correct, with that order's misaligned buffers); a record that
+    matches neither belongs to other parameters and is refused."""
+    if train_state is None:
         raise UserError(
-            f"{source}: its optimizer state was saved under another order of the parameters in the "
-            "optimizer's flat buffers (an earlier clippy-ray, or another model), so it cannot be resumed "
-            "as is; continue from its weights in a new run instead: clippy-ray train --from "
-            f"{source} --from-mode weights train.run_name=NEW_NAME (optimizer state and schedule start fresh)"
+            f"{source}: its train_state.json cannot be read; it records the order of the parameters in "
+            "the optimizer state, without which that state cannot be resumed (check the checkpoint is "
+            "complete and readable)"
         )
+    saved = train_state.get("param_layout")
+    if saved is None:
+        return list
+    for order in (aligned_order, list):
+        if saved == layout(model, order):
+            return order
+    raise UserError(
+        f"{source}: its optimizer state was saved for other parameters than this config's model, so it "
+        f"cannot be resumed as is; start from its weights in a new run instead: clippy-ray train --from "
+        f"{source} --from-mode weights train.run_name=NEW_NAME (optimizer state and schedule start fresh)"
+    )
 
 
 class Lamb(torch.optim.Optimizer):
@@ -142,8 +153,10 @@ def _trust(w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
     return torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, order: Callable[[list], list] | None = None
+) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, order)
     if cfg.optimizer == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     # torch's fused AdamW kernel, on GPU and CPU (one pass over the state: ~5x faster on a CPU)
