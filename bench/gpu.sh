@@ -8,9 +8,10 @@
 #   5. bench/profile_step.py: where the eager (profile) and the compiled step (profile-compiled) spend
 #      their time
 # Run all: `bash bench/gpu.sh`; some: `bash bench/gpu.sh profile loss`. A lent machine sends back at
-# most 8 files: the checks write 6 JSON files, and everything printed goes to $OUT/log.txt.
+# most 8 files: the checks write 7 JSON files, and each check's whole output goes to $OUT/log.txt.
 # The packages the machine lacks travel in .whl/, which `bash bench/gpu_wheels.sh` fills here first
-# (wheels, deepspeed's sdist, a repacked ray: under the 64 MiB limit on what travels).
+# (wheels, deepspeed's sdist, a repacked ray: under the 64 MiB limit on what travels); .whl/ is
+# git-ignored, so the call must carry it (the device tool's `carry: [".whl"]`).
 set -u
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -29,7 +30,7 @@ last() { grep -v -i "warn" "$1" | tail -n "$2"; }
 
 say install
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-python3 -c "import glob, tarfile; tarfile.open(glob.glob('.whl/ray-*-stripped.tar.xz')[0]).extractall('/tmp/site', filter='fully_trusted')"
+python3 -c "import tarfile; tarfile.open('.whl/ray-stripped.tar.xz').extractall('/tmp/site', filter='fully_trusted')"
 DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
   --target /tmp/site .whl/deepspeed-*.tar.gz >/tmp/install.log 2>&1 || last /tmp/install.log 20
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
@@ -64,8 +65,8 @@ for check in "${checks[@]}"; do
   loss)
     say "fused loss vs local loss: automatic block, 4096 and 2048 columns"
     run loss 5 timeout 45 python3 bench/loss_memory.py --reps 5 --json "$OUT/loss.json"
-    run loss4096 4 timeout 45 python3 bench/loss_memory.py --reps 5 --block 4096
-    run loss2048 4 timeout 45 python3 bench/loss_memory.py --reps 5 --block 2048
+    run loss4096 4 timeout 45 python3 bench/loss_memory.py --reps 5 --block 4096 --json "$OUT/loss4096.json"
+    run loss2048 4 timeout 45 python3 bench/loss_memory.py --reps 5 --block 2048 --json "$OUT/loss2048.json"
     ;;
   profile)
     say "profile, eager, batch 128"
@@ -73,7 +74,7 @@ for check in "${checks[@]}"; do
     ;;
   profile-compiled)
     say "profile, compiled, batch 128"
-    run prof128c 16 timeout 150 "${P[@]}" --compile --warmup 4 --json "$OUT/prof128c.json"
+    run prof128c 16 timeout 150 "${P[@]}" --compile --warmup 4  # in log.txt only: 8 files come back
     ;;
   *) echo "unknown check $check (throughput, train, compile, loss, profile, profile-compiled)" && exit 2 ;;
   esac

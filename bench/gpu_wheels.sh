@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Fill .whl/ (git-ignored through .git/info/exclude) with what bench/gpu.sh installs on a GPU machine
+# Fill .whl/ (git-ignored) with what bench/gpu.sh installs on a GPU machine
 # that has torch, CUDA and most packages but no package index: Python 3.12 wheels of the packages it
 # lacks (or has in other versions), deepspeed's sdist, and ray's wheel repacked without its Java jar,
 # dashboard client, RLlib, Serve and LLM parts, to stay under the 64 MiB that travels with a call.
-# Run once, here, from the repository root: bash bench/gpu_wheels.sh
+# Run once, here, from the repository root: bash bench/gpu_wheels.sh (needs unzip, which keeps the
+# executable bits of ray's binaries that python -m zipfile drops)
 set -euo pipefail
-PY=${PY:-.venv/bin/python}
-mkdir -p .whl .git/info
-grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >>.git/info/exclude
+PY=$(realpath -s "${PY:-.venv/bin/python}")  # absolute, the venv kept (no symlink resolved)
+mkdir -p .whl
+rm -f .whl/ray-stripped.tar.xz
 get() {  # get FOLDER PACKAGE==VERSION...
   local dest=$1
   shift
@@ -23,6 +24,6 @@ tmp=$(mktemp -d)
 get "$tmp" ray==2.60.0
 (cd "$tmp" && unzip -q ray-*.whl && rm -rf ray/jars ray/dashboard/client/build ray/rllib ray/serve ray/llm \
   && tar cJf ray-stripped.tar.xz ray ray-*.dist-info)
-mv "$tmp/ray-stripped.tar.xz" .whl/ray-2.60.0-stripped.tar.xz
+mv "$tmp/ray-stripped.tar.xz" .whl/ray-stripped.tar.xz
 rm -rf "$tmp"
 du -sh .whl

@@ -1,7 +1,8 @@
 """Where one worker's training step spends its time: torch.profiler over the step bench/throughput.py
 times (the same model, DeepSpeed engine and synthetic batch), after a warm-up. Prints wall time per
-step, the device's busy time per step (on CUDA: the sum of kernel times; the rest is the GPU waiting
-for the host), and the top operators by self time on the device.
+step (the profiler's own overhead included: take step times from bench/throughput.py), the device's
+busy time per step (on CUDA: the sum of kernel times; the rest is the GPU waiting for the host),
+and the top kernels (CUDA) or operators by their own CPU time (CPU).
 
     python bench/profile_step.py [--config configs/demo.yaml] [--batch 32] [key=value ...] [--json PATH]
     python bench/profile_step.py --config configs/vitb16_t5base.yaml --batch 128     # a GPU

@@ -3,7 +3,7 @@ is present: images/s, model FLOPs per sample (with and without token sub-samplin
 FLOP/s, and MFU against the dense matmul peak measured in the same run in the same precision
 (repetitions interleave peak and training; on CUDA also against the card's datasheet peak).
 
-    python bench/throughput.py [--config configs/demo.yaml] [--batch 32] [key=value ...] [--json PATH]
+    python bench/throughput.py [--config configs/demo.yaml] [--batch 32] [--compile] [key=value ...] [--json PATH]
     python bench/throughput.py --config configs/vitb16_t5base.yaml --batch 128     # a GPU, the paper's model
 """
 
