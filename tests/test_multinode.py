@@ -410,6 +410,9 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
     assert queue["node_id"] == cluster.job("lossy")["driver_node_id"] != victim_node, queue
     victim = next(name for name, nid in cluster.node_ids.items() if nid == victim_node)
     reached = max(int(m) for m in re.findall(r"step (\d+)/\d+ \|", _logs(cluster, "lossy")))
+    # what Ray had in its books at the moment of the loss (a checkpoint the workers have reported
+    # but the controller has not yet registered is not one a restart can use)
+    registered = int(_registered(run).removeprefix("step_"))
     cluster.remove_node(victim, graceful=False)
     removed = time.time()
     resumed_at = None
@@ -424,8 +427,11 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
     step, position = int(line[0]), int(line[1])
     saved = json.loads(storage.read_bytes(f"{run}/step_{step:08d}/train_state.json"))
     final = json.loads(storage.read_bytes(f"{run}/step_{steps:08d}/train_state.json"))
-    # restored from the checkpoint Ray had registered last, at most one interval behind
-    assert step % every == 0 and 0 <= reached - step <= every, (reached, step)
+    # restored from the checkpoint Ray had registered last (or a later one, registered between the
+    # snapshot read and the loss), never an older one; a loaded box can run a whole interval past
+    # the last registration, so the step the logs reached bounds nothing (seen in CI: reached 14,
+    # registered 6)
+    assert step % every == 0 and registered <= step < steps, (registered, step, reached)
     assert position == saved["data_position"] > 0
     # the new stream began at that position and read on from it: the rows it handed out are the ones
     # the remaining steps took plus what each worker held at the end (its 16-row shuffle buffer and
@@ -446,8 +452,8 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
         f"{model} bytes ({whole / model:.1f}x less)"
     )
     print(
-        f"[multinode] node {victim} removed at step {reached}; restored step {step} (lost {reached - step} "
-        f"steps, checkpoint every {every}); data position {position} -> resumed stream started at "
+        f"[multinode] node {victim} removed at step {reached} (registered {registered}); restored step {step} "
+        f"(lost {reached - step} steps, checkpoint every {every}); data position {position} -> resumed stream started at "
         f"{final['data_start']}; {resumed_at - removed:.0f} s from node loss to the resumed run's first "
         f"line, run done {time.time() - removed:.0f} s after the loss"
     )
