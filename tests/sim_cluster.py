@@ -415,7 +415,7 @@ def _local(command: str, head_address: str) -> list[str]:
     return [*words, "--block", "--disable-usage-stats"]
 
 
-def _wait_for_dashboard(sim: SimCluster, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for_dashboard(sim: SimCluster, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while True:
         try:

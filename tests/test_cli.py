@@ -9,7 +9,7 @@ BIN = Path(sys.executable).parent
 
 
 def run(*args):
-    return subprocess.run([str(BIN / "clippy-ray"), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(BIN / "clippy-ray"), *args], capture_output=True, text=True, timeout=300)
 
 
 def test_console_script_help_and_version():

@@ -47,7 +47,7 @@ def test_auto_measures_and_picks_fp32_when_the_math_library_cannot_use_native_bf
         "c = p.choose('auto', torch.device('cpu')); print(c.precision); print(c.reason)\n"
     )
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     chosen, reason = out.stdout.strip().splitlines()[-2:]
     assert chosen == "fp32" and reason.startswith("bf16 is slower here"), reason
@@ -179,12 +179,13 @@ def test_events_reach_the_driver_console_and_a_lost_queue_never_fails_the_worker
         send = emitter(events.queue)
         send({"kind": "start", "text": "run x: 2 steps"})
     assert out.getvalue().splitlines() == ["[clippy-ray] run x: 2 steps"]
-    deadline = time.time() + 30  # ray.kill only asks: wait until the actor is really gone
-    while time.time() < deadline:
+    deadline = time.time() + 120  # ray.kill only asks: wait until the actor is really gone
+    while True:
         try:
             ray.get(events.queue.actor.qsize.remote())
         except ray.exceptions.RayActorError:
             break
+        assert time.time() < deadline, "the event queue actor is still alive 120 s after ray.kill"
         time.sleep(0.1)
     capsys.readouterr()
     # the queue is gone (as when its node is lost): the worker's event goes to its own log, no error

@@ -181,7 +181,7 @@ def test_the_launchers_ray_start_lines_make_a_cluster_whose_worker_joins_with_th
     with start_from_commands(head, worker, tmp_path) as cluster:
         with pytest.raises(OSError, match="403"):
             cluster.get("/api/jobs/", token="not-the-token")
-        deadline = time.time() + 60
+        deadline = time.time() + 180  # a loaded 2-core box takes a while to start a raylet
         while cluster.alive_workers() < 1:
             gone = cluster.procs["worker"].poll() is not None
             assert time.time() < deadline and not gone, (tmp_path / "worker.log").read_text()[-3000:]
@@ -326,7 +326,9 @@ def test_an_autoscaled_sweep_grows_from_zero_worker_nodes_runs_every_trial_and_s
                 kept = [(a["class_name"], a["node_id"][-6:]) for a in c.actors(alive=True)]
                 assert time.time() < deadline, f"worker nodes not removed: {sampler.changes()}, actors {kept}"
                 time.sleep(1)
-            time.sleep(1)  # one more sample at zero
+            while sampler.samples[-1][1] != 0:  # the sampler's own last look sees zero too
+                assert time.time() < deadline, f"the sampler never saw zero: {sampler.changes()}"
+                time.sleep(0.5)
         counts = [n for _, n in sampler.samples]
         print(
             f"\n[multinode] alive worker nodes over time (s, count), where it changed: {sampler.changes()}\n"
@@ -366,6 +368,15 @@ def _logs(cluster, submission_id: str) -> str:
     return cluster.ray("job", "logs", "--address", cluster.dashboard, submission_id, check=False).stdout
 
 
+def _job_state(cluster, submission_id: str) -> str:
+    """The job server's status of a job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); a dashboard
+    too busy to answer one poll (a node dying) reads as UNKNOWN, and the caller polls again."""
+    try:
+        return cluster.job(submission_id)["status"]
+    except OSError:
+        return "UNKNOWN"
+
+
 def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_position(
     cluster_factory, s3_bench, tmp_path
 ):
@@ -376,7 +387,7 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
     node = {"CPU": 1, "train_node": 1}
     cluster = cluster_factory({"CPU": 0}, {"w1": node, "w2": node, "w3": node})
     runs = f"s3://{BUCKET}/runs"
-    every, steps = 6, 18
+    every, steps = 6, 24  # headroom: the node must go before the run ends
     train = tiny_run(
         s3_bench,
         f"train.storage={runs}",
@@ -399,38 +410,44 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
     submit(cluster, "lossy", "jobs/train.py", *train, options=("--no-wait",))
     run = f"{runs}/node-loss"
     deadline = time.time() + 600
+    polled = 0.0
     while _registered(run) is None:  # Ray has taken the first checkpoint into its books
         assert time.time() < deadline, _logs(cluster, "lossy")[-6000:]
-        assert "failed" not in job_status(cluster, "lossy").lower(), _logs(cluster, "lossy")[-6000:]
-        time.sleep(0.5)
+        if time.time() - polled > 5:  # the job server's record (one HTTP call, not a CLI per pass)
+            polled = time.time()
+            assert _job_state(cluster, "lossy") not in ("FAILED", "STOPPED"), _logs(cluster, "lossy")[-6000:]
+        time.sleep(0.2)
+    # the node goes at once: every call before the removal is time the run trains on towards its end
     victim_node = next(a["node_id"] for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE")
-    # the console's event queue is on the driver's node (the head, for a submitted job), never on a
-    # training node whose loss would take the run's progress channel, and so the run, with it
-    (queue,) = cluster.actors("_QueueActor", alive=True)
-    assert queue["node_id"] == cluster.job("lossy")["driver_node_id"] != victim_node, queue
     victim = next(name for name, nid in cluster.node_ids.items() if nid == victim_node)
-    reached = max(int(m) for m in re.findall(r"step (\d+)/\d+ \|", _logs(cluster, "lossy")))
     # what Ray had in its books at the moment of the loss (a checkpoint the workers have reported
     # but the controller has not yet registered is not one a restart can use)
     registered = int(_registered(run).removeprefix("step_"))
     cluster.remove_node(victim, graceful=False)
     removed = time.time()
+    # the console's event queue is on the driver's node (the head, for a submitted job), never on a
+    # training node whose loss would take the run's progress channel, and so the run, with it
+    (queue,) = cluster.actors("_QueueActor", alive=True)
+    assert queue["node_id"] == cluster.job("lossy")["driver_node_id"] != victim_node, queue
     resumed_at = None
-    while "succeeded" not in (status := job_status(cluster, "lossy")).lower():
-        assert "failed" not in status.lower() and time.time() < deadline + 300, _logs(cluster, "lossy")[-8000:]
+    while (state := _job_state(cluster, "lossy")) != "SUCCEEDED":
+        assert state not in ("FAILED", "STOPPED") and time.time() < deadline + 300, _logs(cluster, "lossy")[-8000:]
         if resumed_at is None and "resuming at step" in _logs(cluster, "lossy"):
             resumed_at = time.time()
         time.sleep(1.0)
     logs = _logs(cluster, "lossy")
     resumed_at = resumed_at or time.time()
-    (line,) = re.findall(r"resuming at step (\d+) from data position (\d+) \(epoch (\d+)\)", logs)
-    step, position = int(line[0]), int(line[1])
+    reached = max((int(m) for m in re.findall(r"step (\d+)/\d+ \|", logs.split("resuming at step")[0])), default=0)
+    # the last restart is the one that ran to the end (one placed on the lost node before Ray
+    # noticed it gone fails and restarts again, from the same checkpoint or a later one)
+    resumes = re.findall(r"resuming at step (\d+) from data position (\d+) \(epoch (\d+)\)", logs)
+    assert resumes, logs[-8000:]
+    step, position = int(resumes[-1][0]), int(resumes[-1][1])
     saved = json.loads(storage.read_bytes(f"{run}/step_{step:08d}/train_state.json"))
     final = json.loads(storage.read_bytes(f"{run}/step_{steps:08d}/train_state.json"))
     # restored from the checkpoint Ray had registered last (or a later one, registered between the
     # snapshot read and the loss), never an older one; a loaded box can run a whole interval past
-    # the last registration, so the step the logs reached bounds nothing (seen in CI: reached 14,
-    # registered 6)
+    # the last registration (seen in CI: logs at step 14, registered 6)
     assert step % every == 0 and registered <= step < steps, (registered, step, reached)
     assert position == saved["data_position"] > 0
     # the new stream began at that position and read on from it: the rows it handed out are the ones
@@ -442,9 +459,13 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
     remaining = (steps - step) * 8
     assert remaining <= final["data_position"] - position <= remaining + 2 * (16 + 64), final
     assert final["step"] == steps
-    # two attempts of two workers; the second one's on the two nodes that were left
-    workers = [a["node_id"] for a in cluster.actors("RayTrainWorker")]
-    assert len(workers) == 4 and workers.count(victim_node) == 1, workers
+    # two workers per attempt; the last attempt's two on the nodes that were left (an attempt placed
+    # on the lost node before Ray noticed it gone adds two more that failed)
+    attempts: dict[str, list[str]] = {}
+    for actor in cluster.actors("RayTrainWorker"):
+        attempts.setdefault(actor["placement_group_id"], []).append(actor["node_id"])
+    assert len(attempts) >= 2 and all(len(nodes) == 2 for nodes in attempts.values()), attempts
+    assert any(victim_node not in nodes for nodes in attempts.values()), attempts
     ckpt = f"{run}/step_{steps:08d}"
     whole, model = _bytes_under(ckpt), _bytes_under(f"{ckpt}/model")
     print(
@@ -453,7 +474,7 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
     )
     print(
         f"[multinode] node {victim} removed at step {reached} (registered {registered}); restored step {step} "
-        f"(lost {reached - step} steps, checkpoint every {every}); data position {position} -> resumed stream started at "
-        f"{final['data_start']}; {resumed_at - removed:.0f} s from node loss to the resumed run's first "
+        f"(lost {reached - step} steps, checkpoint every {every}); data position {position} -> resumed stream "
+        f"started at {final['data_start']}; {resumed_at - removed:.0f} s from node loss to the resumed run's first "
         f"line, run done {time.time() - removed:.0f} s after the loss"
     )
