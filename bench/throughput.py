@@ -36,7 +36,7 @@ def main() -> None:
     print(
         f"{' '.join([args.config, *args.overrides])}: 1 worker on {out['device']}, {out['precision']} "
         f"({setup.precision.reason}), ZeRO-{out['zero_stage']}, batch {args.batch}, "
-        f"{out['parameters'] / 1e6:.1f}M parameters{', compiled' if args.compile else ''}; "
+        f"{out['parameters'] / 1e6:.1f}M parameters{', compiled' if out['compiled'] else ''}; "
         f"{args.reps} reps of {args.steps} steps after {args.warmup}, "
         "median (min-max)"
     )

@@ -200,6 +200,11 @@ class TrainConfig:
     val_batches: int = 8  # per worker
     log_every: int = 10
     max_failures: int = 0  # restarts from the last checkpoint when a worker dies
+    # torch.compile the model in each worker (DeepSpeed's engine.compile): fewer, fused kernels for
+    # a GPU step that is bound by launching them; the first steps pay the compilation (about a
+    # minute for the ViT-B/16 + T5-base model on an H200). compile_backend "eager" traces only.
+    compile: bool = False
+    compile_backend: str = "inductor"
     seed: int = 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -231,6 +236,19 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             errors.append(f"{path}.betas: {list(self.betas)} must be two numbers in [0, 1)")
         errors += out_of_range(path, self, "> 0", ("cpus_per_worker",))
+        if self.compile and self.zero_stage == 3:
+            errors.append(
+                f"{path}.compile: ZeRO-3 gathers each parameter in hooks that torch.compile traces past "
+                "(it sees the empty partitions); use zero_stage 1 or 2 with compile, or compile: false"
+            )
+        if self.compile:
+            from torch._dynamo import list_backends
+
+            if self.compile_backend not in list_backends(exclude_tags=()):
+                errors.append(
+                    f"{path}.compile_backend: {self.compile_backend!r} is not a torch.compile backend "
+                    f"({', '.join(sorted(list_backends()))})"
+                )
         errors += bad_resources(f"{path}.worker_resources", self.worker_resources)
         per = self.num_workers * self.grad_accum_steps
         if per >= 1 and self.global_batch_size >= 1 and self.global_batch_size % per:

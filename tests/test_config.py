@@ -31,6 +31,8 @@ def test_yaml_plus_dotted_overrides_fill_the_dataclasses(tmp_path):
         (["model.image.timm_kwargs={num_classes: 10}"], "model.image.timm_kwargs.num_classes: set by clippy-ray"),
         (["data.block_mib=0"], "data.block_mib: 0 must be >= 1"),
         (["aggregation"], "overrides are key=value"),
+        (["train.compile=true", "train.zero_stage=3"], "train.compile: ZeRO-3 gathers each parameter in hooks"),
+        (["train.compile=true", "train.compile_backend=fast"], "train.compile_backend: 'fast' is not a torch.compile"),
     ],
 )
 def test_bad_fields_get_one_line_naming_the_field_and_the_fix(overrides, line):

@@ -38,6 +38,18 @@ def test_forward_backward_every_aggregation_with_token_subsampling(aggregation):
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+def test_vit_attention_follows_the_parameters_device_when_the_model_moves():
+    """Explicit softmax(q k^T) v on a CPU, the fused kernel elsewhere; switched when the model moves
+    (not in forward, where a compiled graph would see the switch and compile again)."""
+    model, _ = make()
+    attn = [m for m in model.image.vit.modules() if hasattr(m, "fused_attn")]
+    assert attn and not any(m.fused_attn for m in attn)
+    model.to("meta")  # any device that is not a CPU, through a parent module's .to()
+    assert all(m.fused_attn for m in attn)
+    model.to_empty(device="cpu")
+    assert not any(m.fused_attn for m in attn)
+
+
 def test_model_built_at_224_runs_at_448_with_a_twice_larger_feature_map():
     model, _ = make("model.image.img_size=224", "model.image.timm_kwargs={depth: 1, embed_dim: 32, num_heads: 2}")
     model.eval()

@@ -52,7 +52,7 @@ def add_step_arguments(parser) -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--batch", type=int, default=32, help="pairs per step on this worker")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (in place) first")
+    parser.add_argument("--compile", action="store_true", help="as train.compile=true: torch.compile the model")
 
 
 def datasheet_tflops(device: torch.device, precision_name: str) -> float | None:
@@ -146,8 +146,8 @@ class Step:
 
 def build_step(setup: Setup, compile_model: bool = False) -> Step:
     """Model, loss and DeepSpeed engine as a training worker builds them, on one synthetic batch.
-    `compile_model`: torch.compile the model in place (state-dict keys unchanged) before DeepSpeed
-    wraps it; compilation then happens in the first steps."""
+    `compile_model`: as train.compile=true (DeepSpeed's engine.compile, in place); compilation then
+    happens in the first steps."""
     from clippy_ray.train.engine import build_engine
 
     cfg, device = setup.cfg, setup.device
@@ -157,8 +157,7 @@ def build_step(setup: Setup, compile_model: bool = False) -> Step:
     model = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size).to(device)
     params = sum(p.numel() for p in model.parameters())
     flops = model_flops_per_sample(model, synthetic_batch(cfg, setup.batch, torch.float32, device), loss_fn)
-    if compile_model:
-        model.compile()
+    cfg.train.compile = cfg.train.compile or compile_model
     engine = build_engine(model, cfg.train)
     inputs = synthetic_batch(cfg, setup.batch, precision.TORCH_DTYPES[chosen], device)
 
@@ -196,7 +195,7 @@ def run(
         "precision_reason": setup.precision.reason,
         "zero_stage": cfg.train.zero_stage,
         "batch_per_worker": setup.batch,
-        "compiled": compile_model,
+        "compiled": cfg.train.compile,
         "warmup_seconds": warmup_seconds,
         "parameters": step.parameters,
         "model_flops_per_sample": flops,

@@ -65,6 +65,7 @@ class ImageTower(nn.Module):
         self.keep_ratio = keep_ratio
         self.keep_count = keep_count
         self.proj = nn.Linear(self.vit.embed_dim, embed_dim, bias=False)
+        self._attention_for(torch.device("cpu"))
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         h, w = images.shape[-2:]
@@ -92,10 +93,17 @@ class ImageTower(nn.Module):
         if subsample:
             patches = keep_random_tokens(patches, self._num_keep(patches.shape[1]))
         x = torch.cat([prefix, patches], dim=1)
-        self._attention_for(images.device)
         x = vit.norm(vit.blocks(vit.norm_pre(x)))
         cls = self.proj(x[:, 0]) if self.has_cls else None
         return cls, self.proj(x[:, self.num_prefix :])
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .cuda() / .bfloat16(), of this tower or a module holding it: the attention
+        follows the parameters' device (set here, not in forward, so a compiled forward never sees
+        the switch and compiles once)."""
+        out = super()._apply(fn, recurse)
+        self._attention_for(self.proj.weight.device)
+        return out
 
     def _attention_for(self, device: torch.device) -> None:
         """timm's fused attention runs the flash-attention kernel; on a CPU its explicit

@@ -39,8 +39,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, order=None):
-    """deepspeed.initialize on the existing process group (Ray Train made it). `order`: of the
-    parameters in the optimizer's groups (optim.param_groups; a resumed run keeps its checkpoint's)."""
+    """deepspeed.initialize on the existing process group (Ray Train made it), the model compiled
+    if cfg.compile. `order`: of the parameters in the optimizer's groups (optim.param_groups; a
+    resumed run keeps its checkpoint's)."""
     import deepspeed
 
     from clippy_ray._compat import skip_deepspeed_shm_op
@@ -61,6 +62,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, order=None):
         optimizer.partitioned(lambda: lamb_pieces(engine), count=len(list(model.parameters())))
     _set_fp32(engine.module.logit_scale, logit_scale)
     engine.module.register_forward_hook(Fp32LogitScale(engine, model.max_logit_scale))
+    if cfg.compile:  # in place (state-dict keys unchanged); compiles at the first forward
+        engine.compile(backend=cfg.compile_backend)
     return engine
 
 
@@ -118,6 +121,9 @@ class Fp32LogitScale:
         self.master = master
         self.seen_step = self.engine.global_steps
 
+    # outside any torch.compile graph: a graph that read engine.global_steps would be guarded on it
+    # and recompiled at every step, and refresh() reads a tensor's value and may run a collective
+    @torch.compiler.disable
     def __call__(self, module, inputs, output):
         image, text, scale = output
         if self.seen_step != self.engine.global_steps:

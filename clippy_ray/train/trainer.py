@@ -109,7 +109,8 @@ def describe(cfg: config.Config) -> list[str]:
         f"encoder, {m.aggregation} pooling, token keep {keep or 'all'}, embedding {m.embed_dim}",
         "data: " + "; ".join(data),
         f"workers: {t.num_workers} x ({per_worker}); batch {t.micro_batch_size} per worker x {t.grad_accum_steps} "
-        f"accumulation = {t.global_batch_size} pairs per step, {t.steps} steps",
+        f"accumulation = {t.global_batch_size} pairs per step, {t.steps} steps"
+        + (f", torch.compile ({t.compile_backend}; the first steps compile)" if t.compile else ""),
         f"storage: {storage.join(t.storage, t.run_name)} (checkpoint every {t.checkpoint_every} steps, "
         f"last {t.keep_checkpoints} kept)",
     ]
