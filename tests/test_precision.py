@@ -12,6 +12,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clippy_ray import config
 from tests.conftest import TINY
@@ -105,6 +106,20 @@ def _coverage(engine, model) -> bool:
     return all(size <= int(c) < size + WORLD for size, c in zip(sizes, counts))
 
 
+class _HostReads(TorchDispatchMode):
+    """Counts the operators that copy a tensor's value to the host (.item(), bool(), ...)."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
 def _worker(rank: int, port: int, out: str):
     import torch.distributed as dist
 
@@ -115,7 +130,7 @@ def _worker(rank: int, port: int, out: str):
     try:
         from clippy_ray.loss import ContrastiveLoss
         from clippy_ray.train.checkpoint import full_state_dict
-        from clippy_ray.train.engine import _get_fp32, _set_fp32, build_engine
+        from clippy_ray.train.engine import Fp32LogitScale, _get_fp32, _set_fp32, build_engine
 
         rows = slice(rank * PAIRS // WORLD, (rank + 1) * PAIRS // WORLD)
         record: dict = {}
@@ -142,6 +157,13 @@ def _worker(rank: int, port: int, out: str):
             for _ in range(6):
                 got["seen"].append(step(engine, inputs)[1])
                 got["master"].append(_get_fp32(engine.module.logit_scale).item())
+            # the once-per-step refresh (read, clamp, write back) reads no value to the host: on a
+            # GPU each such read makes the host wait for every kernel queued before it
+            (hook,) = [h for h in engine.module._forward_hooks.values() if isinstance(h, Fp32LogitScale)]
+            with _HostReads() as reads:
+                hook.refresh()
+            got["host_reads"] = reads.count
+            hook.seen_step = None  # the next forward refreshes again, as the first after a step does
             # above the bound: the next forward (the first after a step) sees it clamped, and a loss
             # that lowers the scale moves it back below
             _set_fp32(engine.module.logit_scale, torch.tensor([math.log(100.0) + 0.3]))
@@ -233,6 +255,7 @@ def test_the_loss_sees_the_float32_logit_scale_which_moves_by_less_than_a_bf16_s
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_the_temperature_bound_clamps_the_value_and_training_can_still_move_it_back(record, stage):
+    assert record[f"bf16_zero{stage}"]["host_reads"] == 0  # the clamp stays on the device
     got = record[f"bf16_zero{stage}"]
     assert got["at_bound"] == pytest.approx(100.0, rel=1e-6)  # clamped by value after the step
     assert got["after_bound"] < math.log(100.0)  # the gradient at the bound was not cut

@@ -113,11 +113,11 @@ class Fp32LogitScale:
         self.master = torch.zeros(1)
 
     def refresh(self) -> None:
+        """Read the master and write it back clamped, on the device: reading its value to decide
+        whether to clamp would make the host wait for the GPU once per step."""
         param = self.engine.module.logit_scale
-        master = _get_fp32(param)
-        if master.item() > self.bound:
-            master.fill_(self.bound)
-            _set_fp32(param, master)
+        master = _get_fp32(param).clamp_(max=self.bound)
+        _set_fp32(param, master)  # the same value unless it was above the bound
         self.master = master
         self.seen_step = self.engine.global_steps
 

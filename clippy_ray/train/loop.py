@@ -255,7 +255,7 @@ def train_loop(loop_config: dict) -> None:
         loss = loss_fn(img, txt, scale)
         engine.backward(loss)
         engine.step()
-        window["loss"] += loss.item()
+        window["loss"] += loss.detach()  # read at log steps only: .item() waits for the GPU
         window["n"] += 1
         micro += 1
         if micro % accum:
@@ -267,7 +267,7 @@ def train_loop(loop_config: dict) -> None:
         checkpoint = state.step % cfg.train.checkpoint_every == 0 or last
         if state.step % cfg.train.log_every == 0 or last or checkpoint:
             counts = _mean_over_ranks(
-                {"loss": window["loss"] / max(window["n"], 1), **stream.counters()},
+                {"loss": float(window["loss"]) / max(window["n"], 1), **stream.counters()},
                 device,
                 total=("rows_seen", "rows_skipped", "rows_dropped"),
             )
