@@ -7,6 +7,8 @@
 #   4. bench/loss_memory.py: the fused loss against the local-loss reference on the GPU
 #   5. bench/profile_step.py: where the eager (profile) and the compiled step (profile-compiled) spend
 #      their time
+#   6. (named only) host-bound step, next: compiled at 256 pairs (compile256); Ray Train with
+#      train.compile=true at 128 and 256 pairs per GPU (train-compiled)
 # Run all: `bash bench/gpu.sh`; some: `bash bench/gpu.sh profile loss`. A lent machine sends back at
 # most 8 files: the checks write 7 JSON files, and each check's whole output goes to $OUT/log.txt.
 # The packages the machine lacks travel in .whl/, which `bash bench/gpu_wheels.sh` fills here first
@@ -76,7 +78,23 @@ for check in "${checks[@]}"; do
     say "profile, compiled, batch 128"
     run prof128c 16 timeout 150 "${P[@]}" --compile --warmup 4  # in log.txt only: 8 files come back
     ;;
-  *) echo "unknown check $check (throughput, train, compile, loss, profile, profile-compiled)" && exit 2 ;;
+  compile256)
+    say "throughput, compiled, batch 256"
+    run tp256c 6 timeout 170 "${B[@]}" --batch 256 --compile --warmup 4 --json "$OUT/tp256c.json"
+    ;;
+  train-compiled)
+    say "Ray Train + DeepSpeed, train.compile=true, 128 then 256 pairs per GPU"
+    [ -d /tmp/gpudata ] || run data 1 timeout 90 python3 -m clippy_ray.cli data make-benchmark --out /tmp/gpudata \
+      --rows 12800 --eval-rows 256 --rows-per-shard 512 --image-size 224 --format jpeg
+    for b in 128 256; do
+      run "train${b}c" 14 timeout 240 python3 -m clippy_ray.cli train --config configs/vitb16_t5base.yaml "${T[@]}" \
+        train.compile=true train.global_batch_size=$b train.run_name=gpu-c$b
+    done
+    ;;
+  *)
+    echo "unknown check $check (throughput, train, compile, loss, profile, profile-compiled, compile256, train-compiled)"
+    exit 2
+    ;;
   esac
 done
 say done
