@@ -10,7 +10,8 @@
 #   6. (named only) host-bound step, next: compiled at 256 pairs (compile256); Ray Train with
 #      train.compile=true at 128 and 256 pairs per GPU (train-compiled)
 # Run all: `bash bench/gpu.sh`; some: `bash bench/gpu.sh profile loss`. A lent machine sends back at
-# most 8 files: the checks write 7 JSON files, and each check's whole output goes to $OUT/log.txt.
+# most 8 files: the default checks write 7 JSON files (compile256 one more: name fewer checks per
+# call), and each check's whole output goes to $OUT/log.txt.
 # The packages the machine lacks travel in .whl/, which `bash bench/gpu_wheels.sh` fills here first
 # (wheels, deepspeed's sdist, a repacked ray: under the 64 MiB limit on what travels); .whl/ is
 # git-ignored, so the call must carry it (the device tool's `carry: [".whl"]`).

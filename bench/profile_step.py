@@ -27,8 +27,8 @@ def main() -> None:
     common.add_json_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
-    setup = throughput.prepare(args.config, args.overrides, args.batch, device)
-    step = throughput.build_step(setup, args.compile)
+    setup = throughput.prepare(args.config, args.overrides, args.batch, device, args.compile)
+    step = throughput.build_step(setup)
     step.train_steps(args.warmup)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]

@@ -28,8 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
-    setup = throughput.prepare(args.config, args.overrides, args.batch, device)
-    out = throughput.run(setup, args.steps, args.warmup, args.reps, peak_size, args.peak_seconds, args.compile)
+    setup = throughput.prepare(args.config, args.overrides, args.batch, device, args.compile)
+    out = throughput.run(setup, args.steps, args.warmup, args.reps, peak_size, args.peak_seconds)
     flops, image = out["model_flops_per_sample"], setup.cfg.model
     keep = f"keep ratio {image.token_keep_ratio}" if image.token_keep_ratio else f"keep {image.token_keep_count}"
     g = lambda x: f"{x / 1e9:.1f}"  # noqa: E731

@@ -107,9 +107,12 @@ class Setup:
     batch: int
 
 
-def prepare(config_path: str, overrides: list[str], batch: int, device: torch.device) -> Setup:
+def prepare(
+    config_path: str, overrides: list[str], batch: int, device: torch.device, compile_model: bool = False
+) -> Setup:
     """The config as one worker with `batch` pairs per step in a one-rank process group (what Ray
-    Train gives each worker), precision resolved for `device` as training resolves it."""
+    Train gives each worker), precision resolved for `device` as training resolves it.
+    `compile_model`: as train.compile=true (checked with the rest of the config)."""
     import torch.distributed as dist
 
     from clippy_ray.train.loop import agree_precision
@@ -118,6 +121,7 @@ def prepare(config_path: str, overrides: list[str], batch: int, device: torch.de
         config_path,
         [
             *overrides,
+            *(["train.compile=true"] if compile_model else []),
             "train.num_workers=1",
             f"train.global_batch_size={batch}",
             "train.grad_accum_steps=1",
@@ -144,10 +148,10 @@ class Step:
     parameters: int
 
 
-def build_step(setup: Setup, compile_model: bool = False) -> Step:
+def build_step(setup: Setup) -> Step:
     """Model, loss and DeepSpeed engine as a training worker builds them, on one synthetic batch.
-    `compile_model`: as train.compile=true (DeepSpeed's engine.compile, in place); compilation then
-    happens in the first steps."""
+    With train.compile the model is compiled in place (DeepSpeed's engine.compile), in the first
+    steps."""
     from clippy_ray.train.engine import build_engine
 
     cfg, device = setup.cfg, setup.device
@@ -157,7 +161,6 @@ def build_step(setup: Setup, compile_model: bool = False) -> Step:
     model = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size).to(device)
     params = sum(p.numel() for p in model.parameters())
     flops = model_flops_per_sample(model, synthetic_batch(cfg, setup.batch, torch.float32, device), loss_fn)
-    cfg.train.compile = cfg.train.compile or compile_model
     engine = build_engine(model, cfg.train)
     inputs = synthetic_batch(cfg, setup.batch, precision.TORCH_DTYPES[chosen], device)
 
@@ -174,14 +177,12 @@ def build_step(setup: Setup, compile_model: bool = False) -> Step:
     return Step(train_steps, flops, params)
 
 
-def run(
-    setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_seconds: float, compile_model: bool = False
-) -> dict:
+def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_seconds: float) -> dict:
     """Warm-up (compilation included), then `reps` x (dense matmul peak, `steps` timed training
     steps), interleaved."""
     cfg, device, chosen = setup.cfg, setup.device, setup.precision.precision
     dtype = precision.TORCH_DTYPES[chosen]
-    step = build_step(setup, compile_model)
+    step = build_step(setup)
     flops = step.flops
     warmup_seconds = step.train_steps(warmup)
     peaks, rates = [], []

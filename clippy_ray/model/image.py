@@ -65,7 +65,7 @@ class ImageTower(nn.Module):
         self.keep_ratio = keep_ratio
         self.keep_count = keep_count
         self.proj = nn.Linear(self.vit.embed_dim, embed_dim, bias=False)
-        self._attention_for(torch.device("cpu"))
+        self._attention_for(self.proj.weight.device)  # the device it was built on
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         h, w = images.shape[-2:]

@@ -122,7 +122,7 @@ class Fp32LogitScale:
         self.seen_step = self.engine.global_steps
 
     # outside any torch.compile graph: a graph that read engine.global_steps would be guarded on it
-    # and recompiled at every step, and refresh() reads a tensor's value and may run a collective
+    # and recompiled at every step, and refresh() may run a collective
     @torch.compiler.disable
     def __call__(self, module, inputs, output):
         image, text, scale = output
