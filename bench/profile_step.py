@@ -48,6 +48,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "precision": setup.precision.precision,
         "batch_per_worker": args.batch,
+        "compiled": setup.cfg.train.compile,
         "steps": args.steps,
         "wall_s_per_step": wall / args.steps,
         "device_busy_s_per_step": busy / args.steps,

@@ -188,7 +188,11 @@ def train_loop(loop_config: dict) -> None:
     checkpoint, init_from = ray.train.get_checkpoint(), loop_config.get("init_from")
     from_weights = checkpoint is None and init_from and loop_config.get("init_mode", "weights") == "weights"
     # the checkpoint whose full state this attempt resumes: this run's latest, else --from in full mode
-    resumed = checkpoint_uri(cfg, checkpoint) if checkpoint is not None else None if from_weights else init_from
+    resumed = None
+    if checkpoint is not None:
+        resumed = checkpoint_uri(cfg, checkpoint)
+    elif init_from and not from_weights:
+        resumed = init_from
     saved = saved_train_state(resumed) if resumed else None
     requested = cfg.train.precision
     if requested == "auto" and checkpoint is not None:
