@@ -8,7 +8,8 @@
 #   5. bench/profile_step.py: where the eager (profile) and the compiled step (profile-compiled) spend
 #      their time
 #   6. (named only) host-bound step, next: compiled at 256 pairs (compile256); Ray Train with
-#      train.compile=true at 128 and 256 pairs per GPU (train-compiled)
+#      train.compile=true at 128 and 256 pairs per GPU (train-compiled); DeepSpeed's BF16_Optimizer
+#      as shipped against engine.GroupedGradients at 128 pairs (host-ops)
 # Run all: `bash bench/gpu.sh`; some: `bash bench/gpu.sh profile loss`. A lent machine sends back at
 # most 8 files: the default checks write 7 JSON files (compile256 one more: name fewer checks per
 # call), and each check's whole output goes to $OUT/log.txt.
@@ -92,8 +93,14 @@ for check in "${checks[@]}"; do
         train.compile=true train.global_batch_size=$b train.run_name=gpu-c$b
     done
     ;;
+  host-ops)
+    say "operators per step and step time: BF16_Optimizer as shipped against GroupedGradients, batch 128"
+    run hostops 6 timeout 200 python3 bench/host_ops.py --config configs/vitb16_t5base.yaml --batch 128 --reps 6 \
+      --json "$OUT/hostops.json"
+    ;;
   *)
-    echo "unknown check $check (throughput, train, compile, loss, profile, profile-compiled, compile256, train-compiled)"
+    echo "unknown check $check (throughput, train, compile, loss, profile, profile-compiled, compile256, train-compiled,"
+    echo "  host-ops)"
     exit 2
     ;;
   esac

@@ -5,6 +5,8 @@ engine (DeepSpeed's start-up dominates); the tests read what it recorded."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 import os
 import socket
@@ -23,6 +25,7 @@ WORLD, PAIRS = 2, 16  # ranks; pairs in the fixed global batch
 PARITY_STEPS = 30
 LAMB_STEPS = 3
 COMPILED_STEPS = 4
+GROUPED_STEPS = 3
 BF16_STEP = 2.0**-6  # bf16's spacing in [2, 4), where ln(1 / 0.07) = 2.66 lies
 PARITY_TOLERANCE = 0.075  # |bf16 - fp32| of the mean loss over the ranks at every step, nats
 
@@ -117,6 +120,18 @@ class _HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+class _OpCounts(TorchDispatchMode):
+    """Counts the operators run, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -215,6 +230,49 @@ def _worker(rank: int, port: int, out: str):
                     "norms": norms,
                     "graphs": graphs,
                     "keys": list(engine.module.state_dict()),
+                }
+        # GroupedGradients against DeepSpeed's BF16_Optimizer as shipped (ZeRO-1, bf16), 2 micro-batches
+        # per step: the same float32 gradients and weights, one norm operator per group
+        from unittest import mock
+
+        from clippy_ray.train.engine import GroupedGradients
+
+        for clip in (0.0, 1e-3):  # off (the weights must be bit-equal), and clipping at every step
+            for grouped in (False, True):
+                cfg = _config(
+                    "train.zero_stage=1", "train.precision=bf16", "train.grad_accum_steps=2", f"train.grad_clip={clip}"
+                )  # fmt: skip
+                with mock.patch.object(GroupedGradients, "install", wraps=GroupedGradients.install) as install:
+                    if not grouped:
+                        install.side_effect = lambda optimizer: None
+                    engine = build_engine(_model(cfg), cfg.train)
+                inputs = _batch(cfg, rows)
+                halves = [tuple(x[half::2] for x in inputs) for half in (0, 1)]
+                norms, ops, stepped = [], _OpCounts(), []
+                inner = engine.optimizer.optimizer  # the AdamW on the flat float32 partitions
+
+                def inner_step(*args, _step=inner.step, _inner=inner, _stepped=stepped, **kwargs):
+                    # the gradient AdamW gets, clipped or not: its norm over this rank's partition
+                    grads = [p.grad.reshape(-1) for g in _inner.param_groups for p in g["params"]]
+                    _stepped.append(torch.cat(grads).double().square().sum().sqrt().item())  # not a counted norm
+                    return _step(*args, **kwargs)
+
+                inner.step = inner_step
+                for n in range(GROUPED_STEPS):
+                    for half in halves:
+                        img, txt, scale = engine(*half)
+                        with ops if n == GROUPED_STEPS - 1 else contextlib.nullcontext():
+                            engine.backward(ContrastiveLoss(torch.bfloat16)(img, txt, scale))
+                            engine.step()
+                    norms.append(float(engine.get_global_grad_norm()))
+                record[f"grouped_{clip}_{grouped}"] = {
+                    "norms": norms,
+                    "stepped": stepped,
+                    "weights": full_state_dict(engine),
+                    "masters": [m.clone() for m in engine.optimizer.fp32_groups_flat_partition],
+                    "ops": dict(ops.counts),
+                    "groups": len(engine.optimizer.bf16_groups),
+                    "params": sum(len(g) for g in engine.optimizer.bf16_groups),
                 }
         if rank == 0:
             torch.save(record, os.path.join(out, "record.pt"))
@@ -342,3 +400,37 @@ def test_a_compiled_model_trains_as_the_eager_one_without_recompiling_and_saves_
     assert compiled["losses"] == pytest.approx(eager["losses"], abs=0.02)
     assert compiled["graphs"][0] >= 1 and len(set(compiled["graphs"])) == 1, compiled["graphs"]
     assert compiled["keys"] == eager["keys"]
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_grouped_gradients_give_deepspeeds_bf16_optimizer_step_with_one_operator_per_group(record, clip):
+    """GroupedGradients (installed by build_engine on BF16_Optimizer) against DeepSpeed's own
+    per-parameter loops, over steps of 2 micro-batches on 2 ranks: the same gradient norms (summed in
+    another order) and, unclipped, bit-equal gradients, weights and float32 masters (the same
+    accumulation); clipping at every step, the same clipped gradient. The backwards and step of the last
+    step take one norm (and one clipping product) per group instead of per parameter, and ~10 fewer
+    operators per parameter."""
+    stock, grouped = record[f"grouped_{clip}_False"], record[f"grouped_{clip}_True"]
+    assert len(stock["stepped"]) == GROUPED_STEPS  # once per step, not per micro-batch
+    if clip:
+        # from the same weights: the same norm, and AdamW gets the same clipped gradient
+        assert grouped["norms"][0] == pytest.approx(stock["norms"][0], rel=1e-5)
+        assert grouped["stepped"][0] == pytest.approx(stock["stepped"][0], rel=1e-5)
+        assert all(n > 10 * clip for n in stock["norms"])  # every step clipped,
+        assert max(stock["stepped"]) <= clip  # to the bound over the whole model
+        # later steps start from weights whose bf16 copies differ by a rounding here and there
+        # (the clip coefficients differ in the 7th digit), so they agree to bf16's precision
+        assert grouped["norms"] == pytest.approx(stock["norms"], rel=1e-2)
+        assert grouped["stepped"] == pytest.approx(stock["stepped"], rel=1e-2)
+    else:
+        assert grouped["norms"] == pytest.approx(stock["norms"], rel=1e-5)  # summed in another order
+        assert grouped["stepped"] == stock["stepped"]
+        for name, want in stock["weights"].items():
+            assert torch.equal(grouped["weights"][name], want), name
+        assert all(torch.equal(g, s) for g, s in zip(grouped["masters"], stock["masters"]))
+    # DeepSpeed: per parameter, at each micro-batch a cast and an add, at the step a norm and a clip
+    params, groups, ops, base = stock["params"], stock["groups"], grouped["ops"], stock["ops"]
+    assert base["linalg_vector_norm"] == params and ops["linalg_vector_norm"] == groups
+    assert ops["mul_"] == base["mul_"] - (params - groups if clip else 0)
+    assert ops["_to_copy"] == base["_to_copy"] - 2 * params and ops["add_"] == base["add_"] - 2 * params
+    assert sum(ops.values()) < sum(base.values()) - 9 * params

@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from clippy_ray import config, precision
@@ -141,17 +143,29 @@ def prepare(
 
 @dataclass
 class Step:
-    """The worker's training step, built: `train_steps(n)` runs n steps and returns the seconds."""
+    """The worker's training step, built: `train_steps(n)` runs n steps and returns the seconds;
+    `count_operators()` runs one, counting the operators each phase dispatches."""
 
     train_steps: Callable[[int], float]
     flops: dict[str, float]
     parameters: int
+    count_operators: Callable[[], dict[str, Counter]]
 
 
-def build_step(setup: Setup) -> Step:
+class _Operators(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build_step(setup: Setup, grouped_gradients: bool = True) -> Step:
     """Model, loss and DeepSpeed engine as a training worker builds them, on one synthetic batch.
     With train.compile the model is compiled in place (DeepSpeed's engine.compile), in the first
-    steps."""
+    steps. `grouped_gradients=False`: DeepSpeed's BF16_Optimizer as shipped (engine.GroupedGradients)."""
     from clippy_ray.train.engine import build_engine
 
     cfg, device = setup.cfg, setup.device
@@ -161,7 +175,7 @@ def build_step(setup: Setup) -> Step:
     model = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size).to(device)
     params = sum(p.numel() for p in model.parameters())
     flops = model_flops_per_sample(model, synthetic_batch(cfg, setup.batch, torch.float32, device), loss_fn)
-    engine = build_engine(model, cfg.train)
+    engine = build_engine(model, cfg.train, grouped_gradients=grouped_gradients)
     inputs = synthetic_batch(cfg, setup.batch, precision.TORCH_DTYPES[chosen], device)
 
     def train_steps(n: int) -> float:
@@ -174,7 +188,17 @@ def build_step(setup: Setup) -> Step:
         synchronize(device)
         return time.perf_counter() - start
 
-    return Step(train_steps, flops, params)
+    def count_operators() -> dict[str, Counter]:
+        phases = {"forward": _Operators(), "backward": _Operators(), "step": _Operators()}
+        with phases["forward"]:
+            loss = loss_fn(*engine(*inputs))
+        with phases["backward"]:
+            engine.backward(loss)
+        with phases["step"]:
+            engine.step()
+        return {name: mode.counts for name, mode in phases.items()}
+
+    return Step(train_steps, flops, params, count_operators)
 
 
 def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_seconds: float) -> dict:

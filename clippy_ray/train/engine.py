@@ -38,10 +38,11 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return conf
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, order=None):
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, order=None, grouped_gradients: bool = True):
     """deepspeed.initialize on the existing process group (Ray Train made it), the model compiled
     if cfg.compile. `order`: of the parameters in the optimizer's groups (optim.param_groups; a
-    resumed run keeps its checkpoint's)."""
+    resumed run keeps its checkpoint's). `grouped_gradients=False` leaves DeepSpeed's
+    BF16_Optimizer as shipped (bench/host_ops.py compares the two)."""
     import deepspeed
 
     from clippy_ray._compat import skip_deepspeed_shm_op
@@ -61,10 +62,64 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, order=None):
     if isinstance(optimizer, Lamb) and engine.zero_optimization_stage() > 0:
         optimizer.partitioned(lambda: lamb_pieces(engine), count=len(list(model.parameters())))
     _set_fp32(engine.module.logit_scale, logit_scale)
+    if grouped_gradients:
+        GroupedGradients.install(engine.optimizer)
     engine.module.register_forward_hook(Fp32LogitScale(engine, model.max_logit_scale))
     if cfg.compile:  # in place (state-dict keys unchanged); compiles at the first forward
         engine.compile(backend=cfg.compile_backend)
     return engine
+
+
+class GroupedGradients:
+    """DeepSpeed's BF16_Optimizer (bf16 under ZeRO-1: the paper config) with its per-parameter
+    gradient work done one operator per group instead of one Python loop iteration per parameter.
+
+    As shipped, it loops over the parameters in Python: per parameter, at each micro-batch it casts
+    the bf16 gradient to float32 and adds it to the float32 gradient, and at the step it takes a
+    norm and scales the gradient when clipping: ~2,000 of the ~7,200 operators of a step at the
+    paper's depths, and a GPU's step is bound by the host. Here the bf16 gradients are added in one
+    `_foreach_add_`, and the norm and the clipping read DeepSpeed's flat float32 gradient buffers,
+    whose slices are the per-parameter gradients (and whose padding is zeros). The same arithmetic
+    except the order in which the norm sums (tests/test_precision.py).
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @classmethod
+    def install(cls, optimizer) -> GroupedGradients | None:
+        """On a BF16_Optimizer without model or expert parallelism (whose norms need DeepSpeed's
+        per-parameter selection) or immediate_grad_update; None (DeepSpeed's own path) otherwise."""
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+        if not isinstance(optimizer, BF16_Optimizer):
+            return None
+        if optimizer.has_moe_layers or optimizer.mpu is not None or optimizer.immediate_grad_update:
+            return None
+        grouped = cls(optimizer)
+        optimizer.update_hp_grads = grouped.update_hp_grads
+        optimizer.get_grads_for_norm = grouped.get_grads_for_norm
+        return grouped
+
+    @torch.no_grad()
+    def update_hp_grads(self, clear_lp_grads: bool = False) -> None:
+        opt = self.optimizer
+        hp, lp = [], []
+        for i, group in enumerate(opt.bf16_groups):
+            for j, param in enumerate(group):
+                if param.grad is not None:
+                    hp.append(opt.fp32_groups_gradients[i][j])
+                    lp.append(param.grad.view(hp[-1].shape))
+                    param._hp_grad = hp[-1]
+        if hp:
+            torch._foreach_add_(hp, lp)
+            if clear_lp_grads:
+                torch._foreach_zero_(lp)
+
+    @torch.no_grad()
+    def get_grads_for_norm(self, for_clipping: bool = False):
+        flats = list(self.optimizer.fp32_groups_gradients_flat)
+        return flats if for_clipping else (flats, {})
 
 
 def _get_fp32(param: torch.nn.Parameter) -> torch.Tensor:
