@@ -8,6 +8,13 @@ import pytest
 
 from clippy_ray import config
 
+# Ray Train's controller polls its workers every 2 s by default, so each run's end (and a
+# checkpoint's registration) waits up to 2 s for the next poll; the suite runs ~20 training runs.
+# Every Ray the tests start (in this process, the CLI subprocesses, the simulated clusters' nodes)
+# inherits this environment. A poll that takes longer is a missed health check, which Ray Train
+# tolerates for minutes.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 TINY = [
     "model.image.img_size=32",
     "model.image.timm_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}",

@@ -296,7 +296,7 @@ def test_an_autoscaled_sweep_grows_from_zero_worker_nodes_runs_every_trial_and_s
         sweep = sweep_args(
             "scale",
             s3_bench,
-            '{aggregation: [max, avg], token_subsampling: ["off", 0.5]}',  # ablation_demo's, two values fewer
+            '{aggregation: [max, avg], token_subsampling: ["off"]}',  # two trials, both at once
             "train.num_workers=1",
             "train.worker_resources={sweep_node: 1}",  # one trial's worker per node: two trials, two nodes
             "train.cpus_per_worker=0.4",  # as in the sweep job above
@@ -335,14 +335,14 @@ def test_an_autoscaled_sweep_grows_from_zero_worker_nodes_runs_every_trial_and_s
             f"[multinode] cluster up {up - start:.0f} s, sweep {swept - up:.0f} s, "
             f"scale-down {time.time() - swept:.0f} s, total {time.time() - start:.0f} s"
         )
-        # 0 -> 2 (two trials at once, one worker node each; max_workers caps it) -> 0
+        # 0 -> 2 (two trials at once, one worker node each) -> 0
         assert counts[0] == 0 and max(counts) == 2 and counts[-1] == 0, sampler.samples
     table = storage.fetch(f"s3://{BUCKET}/sweeps/scale/results.md").read_text()
     rows = json.loads(storage.fetch(f"s3://{BUCKET}/sweeps/scale/results.json").read_text())["rows"]
     assert [(r["label"], r["status"], r["step"]) for r in rows] == [
-        (name, "finished", 2) for name in ("max_sub-off", "max_sub0.5", "avg_sub-off", "avg_sub0.5")
+        (name, "finished", 2) for name in ("max_sub-off", "avg_sub-off")
     ], rows
-    assert table.count("| finished |") == 4, table
+    assert table.count("| finished |") == 2, table
     assert f"results: s3://{BUCKET}/sweeps/scale/results.md" in logs  # the driver's output says where it went
 
 
@@ -365,7 +365,12 @@ def _bytes_under(uri: str) -> int:
 
 
 def _logs(cluster, submission_id: str) -> str:
-    return cluster.ray("job", "logs", "--address", cluster.dashboard, submission_id, check=False).stdout
+    """A job's driver output, from the job server (one HTTP call, not a `ray job logs` process); a
+    dashboard too busy to answer reads as no output yet."""
+    try:
+        return cluster.get(f"/api/jobs/{submission_id}/logs")["logs"]
+    except OSError:
+        return ""
 
 
 def _job_state(cluster, submission_id: str) -> str:
@@ -434,7 +439,7 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
         assert state not in ("FAILED", "STOPPED") and time.time() < deadline + 300, _logs(cluster, "lossy")[-8000:]
         if resumed_at is None and "resuming at step" in _logs(cluster, "lossy"):
             resumed_at = time.time()
-        time.sleep(1.0)
+        time.sleep(0.5)
     logs = _logs(cluster, "lossy")
     resumed_at = resumed_at or time.time()
     reached = max((int(m) for m in re.findall(r"step (\d+)/\d+ \|", logs.split("resuming at step")[0])), default=0)

@@ -146,7 +146,6 @@ def train_cfg(bench: Path, storage_uri: str, name: str, *overrides: str) -> conf
         TINY
         + [
             f"data.train={bench / 'train'}",
-            f"data.val={bench / 'val'}",
             "data.shuffle_buffer=0",
             "data.decode_batch_size=16",
             f"train.storage={storage_uri}",
