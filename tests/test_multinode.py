@@ -364,13 +364,17 @@ def _bytes_under(uri: str) -> int:
     return sum(item["Size"] for page in pages for item in page.get("Contents", []))
 
 
-def _logs(cluster, submission_id: str) -> str:
-    """A job's driver output, from the job server (one HTTP call, not a `ray job logs` process); a
-    dashboard too busy to answer reads as no output yet."""
-    try:
-        return cluster.get(f"/api/jobs/{submission_id}/logs")["logs"]
-    except OSError:
-        return ""
+def _logs(cluster, submission_id: str, tries: int = 1) -> str:
+    """A job's driver output, from the job server (one HTTP call, not a `ray job logs` process). A
+    dashboard too busy to answer `tries` calls 2 s apart reads as no output yet when polling
+    (tries=1); a final read passes more tries."""
+    for attempt in range(tries):
+        try:
+            return cluster.get(f"/api/jobs/{submission_id}/logs")["logs"]
+        except OSError:
+            if attempt < tries - 1:
+                time.sleep(2)
+    return ""
 
 
 def _job_state(cluster, submission_id: str) -> str:
@@ -440,7 +444,7 @@ def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_po
         if resumed_at is None and "resuming at step" in _logs(cluster, "lossy"):
             resumed_at = time.time()
         time.sleep(0.5)
-    logs = _logs(cluster, "lossy")
+    logs = _logs(cluster, "lossy", tries=10)
     resumed_at = resumed_at or time.time()
     reached = max((int(m) for m in re.findall(r"step (\d+)/\d+ \|", logs.split("resuming at step")[0])), default=0)
     # the last restart is the one that ran to the end (one placed on the lost node before Ray

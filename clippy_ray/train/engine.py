@@ -88,13 +88,17 @@ class GroupedGradients:
 
     @classmethod
     def install(cls, optimizer) -> GroupedGradients | None:
-        """On a BF16_Optimizer without model or expert parallelism (whose norms need DeepSpeed's
-        per-parameter selection) or immediate_grad_update; None (DeepSpeed's own path) otherwise."""
+        """On a BF16_Optimizer that accumulates in float32, without model or expert parallelism
+        (whose norms need DeepSpeed's per-parameter selection), expert folding corrections (applied
+        per parameter as it accumulates) or immediate_grad_update; None (DeepSpeed's own path)
+        otherwise."""
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
-        if not isinstance(optimizer, BF16_Optimizer):
+        if not isinstance(optimizer, BF16_Optimizer) or optimizer.grad_acc_dtype is not torch.float32:
             return None
         if optimizer.has_moe_layers or optimizer.mpu is not None or optimizer.immediate_grad_update:
+            return None
+        if getattr(optimizer, "autoep_folding_tp_group", None) is not None:
             return None
         grouped = cls(optimizer)
         optimizer.update_hp_grads = grouped.update_hp_grads
