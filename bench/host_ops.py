@@ -2,6 +2,7 @@
 one worker's step dispatches (forward with the loss, backward, optimizer step), counted, and the
 step's time with DeepSpeed's BF16_Optimizer as shipped (its per-parameter Python loops) against the
 step as training builds it, interleaved over repetitions, on the same model, batch and device.
+(With --compile, what runs inside a compiled graph is not counted.)
 
 On a GPU whose step waits for the host, each operator is host time. A CPU stands in for that host
 when the model is narrow enough that compute is small, e.g. the paper's depths at width 64:

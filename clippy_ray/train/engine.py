@@ -77,10 +77,10 @@ class GroupedGradients:
     As shipped, it loops over the parameters in Python: per parameter, at each micro-batch it casts
     the bf16 gradient to float32 and adds it to the float32 gradient, and at the step it takes a
     norm and scales the gradient when clipping: ~2,250 of the ~7,200 operators of a step at the
-    paper's depths (bench/host_ops.py), and a GPU's step is bound by the host. Here the bf16 gradients are added in one
-    `_foreach_add_`, and the norm and the clipping read DeepSpeed's flat float32 gradient buffers,
-    whose slices are the per-parameter gradients (and whose padding is zeros). The same arithmetic
-    except the order in which the norm sums (tests/test_precision.py).
+    paper's depths (bench/host_ops.py), and a GPU's step is bound by the host. Here the bf16
+    gradients are added in one `_foreach_add_`, and the norm and the clipping read DeepSpeed's flat
+    float32 gradient buffers, whose slices are the per-parameter gradients (and whose padding is
+    zeros). The same arithmetic except the order in which the norm sums (tests/test_precision.py).
     """
 
     def __init__(self, optimizer):
