@@ -5,7 +5,6 @@ engine (DeepSpeed's start-up dominates); the tests read what it recorded."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import os
@@ -123,18 +122,6 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class _OpCounts(TorchDispatchMode):
-    """Counts the operators run, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _worker(rank: int, port: int, out: str):
     import torch.distributed as dist
 
@@ -143,6 +130,7 @@ def _worker(rank: int, port: int, out: str):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)  # two ranks share the machine's cores
     try:
+        from clippy_ray.benchmarks.common import OperatorCounts
         from clippy_ray.loss import ContrastiveLoss
         from clippy_ray.train.checkpoint import full_state_dict
         from clippy_ray.train.engine import Fp32LogitScale, _get_fp32, _set_fp32, build_engine
@@ -233,22 +221,15 @@ def _worker(rank: int, port: int, out: str):
                 }
         # GroupedGradients against DeepSpeed's BF16_Optimizer as shipped (ZeRO-1, bf16), 2 micro-batches
         # per step: the same float32 gradients and weights, one norm operator per group
-        from unittest import mock
-
-        from clippy_ray.train.engine import GroupedGradients
-
         for clip in (0.0, 1e-3):  # off (the weights must be bit-equal), and clipping at every step
             for grouped in (False, True):
                 cfg = _config(
                     "train.zero_stage=1", "train.precision=bf16", "train.grad_accum_steps=2", f"train.grad_clip={clip}"
                 )  # fmt: skip
-                with mock.patch.object(GroupedGradients, "install", wraps=GroupedGradients.install) as install:
-                    if not grouped:
-                        install.side_effect = lambda optimizer: None
-                    engine = build_engine(_model(cfg), cfg.train)
+                engine = build_engine(_model(cfg), cfg.train, grouped_gradients=grouped)
                 inputs = _batch(cfg, rows)
                 halves = [tuple(x[half::2] for x in inputs) for half in (0, 1)]
-                norms, ops, stepped = [], _OpCounts(), []
+                norms, ops, stepped = [], OperatorCounts(), []
                 inner = engine.optimizer.optimizer  # the AdamW on the flat float32 partitions
 
                 def inner_step(*args, _step=inner.step, _inner=inner, _stepped=stepped, **kwargs):

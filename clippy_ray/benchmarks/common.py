@@ -12,9 +12,11 @@ import re
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,18 @@ def describe(values: list[float], fmt: str = "{:.2f}") -> str:
     """'median (min-max)'."""
     s = spread(values)
     return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+
+
+class OperatorCounts(TorchDispatchMode):
+    """Counts the operators dispatched while active, by name (`counts`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def synchronize(device: torch.device) -> None:

@@ -18,11 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from clippy_ray import config, precision
-from clippy_ray.benchmarks.common import spread, synchronize
+from clippy_ray.benchmarks.common import OperatorCounts, spread, synchronize
 from clippy_ray.data.transforms import normalize
 from clippy_ray.loss import ContrastiveLoss
 from clippy_ray.model import build_model
@@ -152,16 +151,6 @@ class Step:
     count_operators: Callable[[], dict[str, Counter]]
 
 
-class _Operators(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def build_step(setup: Setup, grouped_gradients: bool = True) -> Step:
     """Model, loss and DeepSpeed engine as a training worker builds them, on one synthetic batch.
     With train.compile the model is compiled in place (DeepSpeed's engine.compile), in the first
@@ -189,7 +178,7 @@ def build_step(setup: Setup, grouped_gradients: bool = True) -> Step:
         return time.perf_counter() - start
 
     def count_operators() -> dict[str, Counter]:
-        phases = {"forward": _Operators(), "backward": _Operators(), "step": _Operators()}
+        phases = {"forward": OperatorCounts(), "backward": OperatorCounts(), "step": OperatorCounts()}
         with phases["forward"]:
             loss = loss_fn(*engine(*inputs))
         with phases["backward"]:
