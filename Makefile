@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/throughput.py
 	$(PY) bench/profile_step.py
 	$(PY) bench/step_overhead.py
+	$(PY) bench/layers.py
 	$(PY) bench/host_ops.py --config configs/vitb16_t5base.yaml --batch 4 --threads 1 \
 		'model.image.timm_kwargs={embed_dim: 64, num_heads: 2}' model.embed_dim=64 model.image.img_size=64 \
 		'model.text.hf_config={num_layers: 12, num_heads: 2, d_model: 64, d_kv: 32, d_ff: 128, vocab_size: 512}'

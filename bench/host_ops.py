@@ -42,11 +42,7 @@ def main() -> None:
     for step in steps.values():
         step.train_steps(args.warmup)
     operators = {name: step.count_operators() for name, step in steps.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for rep in range(args.reps):
-        order = list(steps) if rep % 2 == 0 else list(reversed(steps))
-        for name in order:
-            seconds[name].append(steps[name].train_steps(args.steps) / args.steps)
+    seconds = throughput.interleaved_seconds(steps, args.reps, args.steps)
     ratios = [g / d for g, d in zip(seconds["grouped"], seconds["deepspeed"])]
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -25,6 +25,7 @@ from clippy_ray.benchmarks.common import OperatorCounts, spread, synchronize
 from clippy_ray.data.transforms import normalize
 from clippy_ray.loss import ContrastiveLoss
 from clippy_ray.model import build_model
+from clippy_ray.model.layers import restore_layers
 from clippy_ray.tokenizer import build_tokenizer
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s; fp32 without TF32.
@@ -151,10 +152,12 @@ class Step:
     count_operators: Callable[[], dict[str, Counter]]
 
 
-def build_step(setup: Setup, grouped_gradients: bool = True) -> Step:
+def build_step(setup: Setup, grouped_gradients: bool = True, swapped_layers: bool = True) -> Step:
     """Model, loss and DeepSpeed engine as a training worker builds them, on one synthetic batch.
     With train.compile the model is compiled in place (DeepSpeed's engine.compile), in the first
-    steps. `grouped_gradients=False`: DeepSpeed's BF16_Optimizer as shipped (engine.GroupedGradients)."""
+    steps. `grouped_gradients=False`: DeepSpeed's BF16_Optimizer as shipped (engine.GroupedGradients).
+    `swapped_layers=False`: torch's own dropout and patch convolution and the text encoder's own
+    attention instead of model.layers' (bench/layers.py)."""
     from clippy_ray.train.engine import build_engine
 
     cfg, device = setup.cfg, setup.device
@@ -165,6 +168,9 @@ def build_step(setup: Setup, grouped_gradients: bool = True) -> Step:
     params = sum(p.numel() for p in model.parameters())
     flops = model_flops_per_sample(model, synthetic_batch(cfg, setup.batch, torch.float32, device), loss_fn)
     engine = build_engine(model, cfg.train, grouped_gradients=grouped_gradients)
+    if not swapped_layers:  # after the engine's .to(), which picks the text tower's CPU attention again
+        restore_layers(model)
+        model.text.encoder.set_attn_implementation(model.text.attention)
     inputs = synthetic_batch(cfg, setup.batch, precision.TORCH_DTYPES[chosen], device)
 
     def train_steps(n: int) -> float:
@@ -224,3 +230,13 @@ def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_s
         out["datasheet_peak_flops"] = sheet * 1e12
         out["mfu_vs_datasheet"] = spread([a / (sheet * 1e12) for a in achieved])
     return out
+
+
+def interleaved_seconds(steps: dict[str, Step], reps: int, n: int) -> dict[str, list[float]]:
+    """Seconds per training step of each built step, `reps` times `n` steps, the order alternating
+    so that a machine's drift lands on every step alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(reps):
+        for name in list(steps) if rep % 2 == 0 else list(reversed(steps)):
+            seconds[name].append(steps[name].train_steps(n) / n)
+    return seconds

@@ -9,6 +9,7 @@ from torch import nn
 
 from clippy_ray.config import ImageConfig
 from clippy_ray.errors import InputError
+from clippy_ray.model.layers import DeviceKernels, swap_layers
 
 
 def aggregate(patches: torch.Tensor, cls: torch.Tensor | None, mode: str) -> torch.Tensor:
@@ -33,7 +34,7 @@ def keep_random_tokens(tokens: torch.Tensor, keep: int) -> torch.Tensor:
     return tokens.gather(1, idx.unsqueeze(-1).expand(n, keep, dim))
 
 
-class ImageTower(nn.Module):
+class ImageTower(DeviceKernels):
     def __init__(
         self,
         cfg: ImageConfig,
@@ -58,6 +59,7 @@ class ImageTower(nn.Module):
             raise InputError(f"model.image.name={cfg.name!r} is not a timm VisionTransformer")
         if aggregation == "cls" and getattr(self.vit, "cls_token", None) is None:
             raise InputError(f"model.aggregation='cls' but {cfg.name!r} has no class token")
+        swap_layers(self.vit)  # patch embedding as a matmul, cheaper CPU dropout
         self.patch_size = tuple(self.vit.patch_embed.patch_size)
         self.num_prefix = self.vit.num_prefix_tokens
         self.has_cls = getattr(self.vit, "cls_token", None) is not None
@@ -65,7 +67,7 @@ class ImageTower(nn.Module):
         self.keep_ratio = keep_ratio
         self.keep_count = keep_count
         self.proj = nn.Linear(self.vit.embed_dim, embed_dim, bias=False)
-        self._attention_for(self.proj.weight.device)  # the device it was built on
+        self._kernels_for(self.proj.weight.device)  # the device it was built on
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         h, w = images.shape[-2:]
@@ -97,15 +99,7 @@ class ImageTower(nn.Module):
         cls = self.proj(x[:, 0]) if self.has_cls else None
         return cls, self.proj(x[:, self.num_prefix :])
 
-    def _apply(self, fn, recurse=True):
-        """.to() / .cuda() / .bfloat16(), of this tower or a module holding it: the attention
-        follows the parameters' device (set here, not in forward, so a compiled forward never sees
-        the switch and compiles once)."""
-        out = super()._apply(fn, recurse)
-        self._attention_for(self.proj.weight.device)
-        return out
-
-    def _attention_for(self, device: torch.device) -> None:
+    def _kernels_for(self, device: torch.device) -> None:
         """timm's fused attention runs the flash-attention kernel; on a CPU its explicit
         softmax(q k^T) v, batched matmuls that use AMX / AVX-512, is several times faster forward
         and backward (bench/throughput.py). Same math either way."""

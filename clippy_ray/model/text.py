@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    AutoConfig,
+    AutoModel,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.masking_utils import eager_mask
 
 from clippy_ray.config import TextConfig
 from clippy_ray.errors import InputError
+from clippy_ray.model.layers import DeviceKernels, eager_attention, swap_layers
 
 T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+# T5's attention on a CPU: eager, with model.layers' dropout (transformers' own extension point)
+CPU_ATTENTION = "clippy_eager"
+AttentionInterface.register(CPU_ATTENTION, eager_attention)
+AttentionMaskInterface.register(CPU_ATTENTION, eager_mask)
 
 
 def encoder_from_config(config: PretrainedConfig) -> PreTrainedModel:
@@ -43,11 +56,21 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-class TextTower(nn.Module):
+class TextTower(DeviceKernels):
     def __init__(self, encoder: PreTrainedModel, embed_dim: int):
         super().__init__()
+        swap_layers(encoder)  # cheaper CPU dropout
         self.encoder = encoder
+        self.attention = encoder.config._attn_implementation  # the encoder's own, off the CPU
         self.proj = nn.Linear(hidden_size(encoder.config), embed_dim, bias=False)
+        self._kernels_for(self.proj.weight.device)  # the device it was built on
+
+    def _kernels_for(self, device: torch.device) -> None:
+        """T5 encoders on a CPU: `CPU_ATTENTION`, the same math as their SDPA attention."""
+        if self.encoder.config.model_type in T5_ENCODERS:
+            want = CPU_ATTENTION if device.type == "cpu" else self.attention
+            if self.encoder.config._attn_implementation != want:
+                self.encoder.set_attn_implementation(want)
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,158 @@
+"""Drop-in replacements for two torch layers the towers use, same parameters and math, cheaper to
+train (bench/model_ops.py measures each against the layer it replaces):
+
+- `PatchConv2d`: a ViT's patch embedding (a convolution whose stride is its kernel) as one matmul
+  over the non-overlapping patches. On a CPU the bf16 convolution's weight gradient is several
+  times slower than the same FLOPs as a matmul.
+- `Dropout`: on a CPU, the keep mask drawn as 16-bit integers, two per 32-bit draw of torch's
+  generator, instead of torch's bernoulli_ (the largest single operator of a T5 step there).
+  Elsewhere, and in eval mode, it is nn.Dropout.
+
+`swap_layers(module)` puts them in place of every matching layer; state dicts are unchanged.
+`restore_layers(module)` undoes it (the benchmark's baseline). `eager_attention` is T5's attention
+with that dropout, and `DeviceKernels` lets a tower pick its attention for its device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LEVELS = 1 << 16  # the keep mask's resolution: the drop rate is rounded to a multiple of 1/65536
+
+
+class PatchConv2d(nn.Conv2d):
+    """nn.Conv2d with stride == kernel, no padding, dilation or groups, computed as patchify + matmul."""
+
+    @classmethod
+    def applies_to(cls, conv: nn.Module) -> bool:
+        return (
+            type(conv) is nn.Conv2d
+            and conv.stride == conv.kernel_size
+            and conv.padding == (0, 0)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> PatchConv2d:
+        """The same layer, sharing `conv`'s parameters (so loading and optimizing them is unchanged)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        new.train(conv.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        if h % kh or w % kw:  # the convolution drops the remainder; rare enough to leave to it
+            return super().forward(x)
+        patches = x.reshape(n, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(n, h // kh, w // kw, c * kh * kw)  # [N, H', W', C*kh*kw]
+        out = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # [N, H', W', D]
+        return out.permute(0, 3, 1, 2)  # NCHW as a convolution returns, a view: NHWC consumers copy nothing
+
+
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """Inverted-dropout mask on the CPU: 0 with probability p (rounded to a multiple of 1/65536),
+    else 1 / (1 - that rounded p), in `dtype`. Draws from torch's default CPU generator."""
+    n = shape.numel()
+    draws = torch.empty((n + 1) // 2, dtype=torch.int32).random_(-(1 << 31), None)
+    bits = draws.view(torch.int16)[:n].view(shape)  # uniform over the 65536 int16 values
+    dropped = round(p * _LEVELS)
+    return (bits >= dropped - _LEVELS // 2).to(dtype).mul_(_LEVELS / (_LEVELS - dropped))
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout with `keep_mask` on the CPU."""
+    dropped = round(p * _LEVELS)
+    if not training or x.device.type != "cpu" or not 0 < dropped < _LEVELS:
+        return F.dropout(x, p, training)
+    return x * keep_mask(x.shape, p, x.dtype)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU training mask is `keep_mask`; the same layer everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(x)
+        return fast_dropout(x, self.p, self.training)
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention for T5 (an AttentionInterface function; `attention_mask` is
+    its eager float mask), with `fast_dropout`. q, k, v [N, H, L, Dh] -> ([N, L, H, Dh], weights).
+    On a CPU, with a float bias and dropout, torch's SDPA falls back to a float32 math path
+    about twice as slow forward and backward (bench/layers.py)."""
+    weights = torch.matmul(query, key.transpose(2, 3))  # [N, H, L, L]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if scaling != 1.0:  # T5 folds the scale into its weights
+        weights = weights * scaling
+    if position_bias is not None:
+        weights = weights + position_bias
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = fast_dropout(F.softmax(weights, dim=-1), dropout, module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class DeviceKernels(nn.Module):
+    """A tower whose kernels follow its parameters' device: `_kernels_for(device)` runs after every
+    .to() / .cuda() / .bfloat16() of the tower or a module holding it (set there, not in forward,
+    so a compiled forward never sees the switch and compiles once)."""
+
+    def _kernels_for(self, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._kernels_for(next(self.parameters()).device)
+        return out
+
+
+def swap_layers(module: nn.Module) -> int:
+    """Replace, inside `module`, every nn.Dropout by `Dropout` and every patch-embedding nn.Conv2d
+    by `PatchConv2d`. Returns how many layers it replaced."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                new = Dropout(child.p, child.inplace)
+                new.train(child.training)
+            elif PatchConv2d.applies_to(child):
+                new = PatchConv2d.from_conv(child)
+            else:
+                continue
+            setattr(parent, name, new)
+            swapped += 1
+    return swapped
+
+
+def restore_layers(module: nn.Module) -> int:
+    """Undo `swap_layers`: torch's nn.Dropout and nn.Conv2d again, sharing the same parameters."""
+    restored = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Dropout:
+                new = nn.Dropout(child.p, child.inplace)
+            elif type(child) is PatchConv2d:
+                new = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, device="meta")
+                new.weight, new.bias = child.weight, child.bias
+            else:
+                continue
+            new.train(child.training)
+            setattr(parent, name, new)
+            restored += 1
+    return restored

@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clippy_ray.model import build_model
+from clippy_ray.model.layers import Dropout, PatchConv2d, restore_layers
+from clippy_ray.model.text import CPU_ATTENTION, TextTower
+from clippy_ray.tokenizer import build_tokenizer
+from tests.conftest import tiny_config
+
+
+def test_patch_convolution_as_a_matmul_equals_torch_convolution_in_value_and_gradients():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+    patch = PatchConv2d.from_conv(conv)
+    assert patch.weight is conv.weight and patch.bias is conv.bias
+    for shape in ((2, 3, 16, 12), (1, 3, 18, 16)):  # a grid of 4x3 patches; sides not multiples of 4
+        x = torch.randn(shape, requires_grad=True)
+        want = conv(x)
+        want_grads = torch.autograd.grad(want.square().sum(), (x, conv.weight, conv.bias))
+        got = patch(x)
+        got_grads = torch.autograd.grad(got.square().sum(), (x, conv.weight, conv.bias))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_swapped_layers_keep_the_state_dict_and_the_model_output():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size).eval()
+    assert type(model.image.vit.patch_embed.proj) is PatchConv2d
+    assert not any(type(m) is nn.Dropout for m in model.modules())
+    assert any(type(m) is Dropout for m in model.text.modules())
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    images = torch.randn(2, 3, cfg.model.image.img_size, cfg.model.image.img_size)
+    ids = torch.randint(3, 50, (2, 8))
+    with torch.no_grad():
+        swapped = model(images, ids, torch.ones_like(ids))
+        assert restore_layers(model) > 0
+        assert type(model.image.vit.patch_embed.proj) is nn.Conv2d
+        model.text.encoder.set_attn_implementation(model.text.attention)
+        plain = model(images, ids, torch.ones_like(ids))
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    for a, b in zip(swapped, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_at_its_rate_scales_what_it_keeps_and_masks_the_gradient_alike(p, dtype):
+    torch.manual_seed(0)
+    n = 200_001  # odd: the last 32-bit draw is half used
+    x = torch.ones(n, dtype=dtype, requires_grad=True)
+    y = Dropout(p).train()(x)
+    y.backward(torch.ones_like(y))
+    dropped = round(p * 65536) / 65536
+    frac = (y == 0).double().mean().item()
+    assert abs(frac - dropped) < 5 * math.sqrt(dropped * (1 - dropped) / n)
+    kept = y[y != 0]
+    assert torch.all(kept == torch.tensor(1 / (1 - dropped), dtype=dtype))
+    assert torch.equal(x.grad, y.detach())  # the backward uses the forward's mask
+
+
+def test_cpu_dropout_follows_the_seed_and_is_the_identity_in_eval_or_at_zero():
+    x = torch.randn(64, 32)
+    drop = Dropout(0.3).train()
+    torch.manual_seed(1)
+    a = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), a)
+    torch.manual_seed(2)
+    assert not torch.equal(drop(x), a)
+    assert drop.eval()(x) is x
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def t5_tower(dropout_rate: float) -> TextTower:
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(num_layers=2, d_model=32, d_kv=8, num_heads=4, d_ff=64, vocab_size=100, dropout_rate=dropout_rate)
+    return TextTower(T5EncoderModel(config), 16)
+
+
+def test_t5_cpu_attention_equals_the_encoders_sdpa_attention_with_padding():
+    tower = t5_tower(0.1).eval()
+    assert tower.encoder.config._attn_implementation == CPU_ATTENTION and tower.attention == "sdpa"
+    ids = torch.randint(1, 100, (3, 10))
+    ids[1:, 6:] = 0  # padding
+    out = {}
+    for impl in (CPU_ATTENTION, "sdpa"):
+        tower.encoder.set_attn_implementation(impl)
+        tower.zero_grad()
+        emb = tower(ids)
+        emb.square().sum().backward()
+        out[impl] = (emb, [p.grad.clone() for p in tower.parameters()])
+    torch.testing.assert_close(out[CPU_ATTENTION][0], out["sdpa"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out[CPU_ATTENTION][1], out["sdpa"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_t5_cpu_attention_drops_attention_weights_in_training():
+    tower = t5_tower(0.5)
+    drops = [m for m in tower.modules() if isinstance(m, nn.Dropout)]
+    for m in drops:  # only the attention weights' dropout (a rate, not a module) stays on
+        m.p = 0.0
+    ids = torch.randint(1, 100, (2, 10))
+    with torch.no_grad():
+        plain = tower.eval()(ids)
+        dropped = tower.train()(ids)
+    assert not torch.allclose(plain, dropped)
+    tower.encoder.config.dropout_rate = 0.0
+    for layer in tower.encoder.encoder.block:
+        layer.layer[0].SelfAttention.dropout = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(tower.train()(ids), plain)
+
+
+def test_text_attention_follows_the_parameters_device_when_the_model_moves():
+    tower = t5_tower(0.1)
+    tower.to("meta")
+    assert tower.encoder.config._attn_implementation == "sdpa"
+    tower.to_empty(device="cpu")
+    assert tower.encoder.config._attn_implementation == CPU_ATTENTION
+
+
+def test_patch_embedding_of_a_model_built_at_224_runs_at_448():
+    model = build_model(
+        tiny_config(
+            "model.image.img_size=224", "model.image.timm_kwargs={depth: 1, embed_dim: 32, num_heads: 2}"
+        ).model,
+        300,
+    )
+    pe = model.image.vit.patch_embed
+    x = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        torch.testing.assert_close(pe(x), F.conv2d(x, pe.proj.weight, pe.proj.bias, stride=16).permute(0, 2, 3, 1))
