@@ -9,7 +9,8 @@
 #      their time
 #   6. (named only) host-bound step, next: compiled at 256 pairs (compile256); Ray Train with
 #      train.compile=true at 128 and 256 pairs per GPU (train-compiled); DeepSpeed's BF16_Optimizer
-#      as shipped against engine.GroupedGradients at 128 pairs (host-ops)
+#      as shipped against engine.GroupedGradients at 128 pairs (host-ops); model.layers' patch matmul
+#      against torch's convolution at 128 pairs (layers: on a GPU only the patch embedding differs)
 # Run all: `bash bench/gpu.sh`; some: `bash bench/gpu.sh profile loss`. A lent machine sends back at
 # most 8 files: the default checks write 7 JSON files (compile256 one more: name fewer checks per
 # call), and each check's whole output goes to $OUT/log.txt.
@@ -98,9 +99,14 @@ for check in "${checks[@]}"; do
     run hostops 6 timeout 200 python3 bench/host_ops.py --config configs/vitb16_t5base.yaml --batch 128 --reps 6 \
       --json "$OUT/hostops.json"
     ;;
+  layers)
+    say "model.layers against torch's layers, each layer and the step, batch 128"
+    run layers 8 timeout 200 python3 bench/layers.py --config configs/vitb16_t5base.yaml --batch 128 --steps 10 \
+      --reps 4 --json "$OUT/layers.json"
+    ;;
   *)
     echo "unknown check $check (throughput, train, compile, loss, profile, profile-compiled, compile256, train-compiled,"
-    echo "  host-ops)"
+    echo "  host-ops, layers)"
     exit 2
     ;;
   esac

@@ -49,7 +49,8 @@ def main() -> None:
     print(f"  achieved GFLOP/s:      {common.describe([x / 1e9 for x in out['achieved_flops']['values']], '{:.0f}')}")
     print(
         f"  dense matmul peak:     {common.describe([x / 1e9 for x in out['matmul_peak_flops']['values']], '{:.0f}')} "
-        f"GFLOP/s ({out['precision']}, {peak_size}x{peak_size}, this device, this run)"
+        f"GFLOP/s ({out['precision']}, {peak_size}x{peak_size}, this device, this run; each the mean of the two "
+        f"bracketing a repetition, which differed by {common.describe(out['peak_drift']['values'], '{:.0%}')})"
     )
     print(f"  MFU vs measured peak:  {common.describe(out['mfu_vs_measured_peak']['values'], '{:.3f}')}")
     if "mfu_vs_datasheet" in out:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clippy_ray.model import build_model
-from clippy_ray.model.layers import Dropout, PatchConv2d, restore_layers
+from clippy_ray.model.layers import Dropout, PatchConv2d, eager_attention, fast_dropout, restore_layers
 from clippy_ray.model.text import CPU_ATTENTION, TextTower
 from clippy_ray.tokenizer import build_tokenizer
 from tests.conftest import tiny_config
@@ -42,6 +42,7 @@ def test_swapped_layers_keep_the_state_dict_and_the_model_output():
         swapped = model(images, ids, torch.ones_like(ids))
         assert restore_layers(model) > 0
         assert type(model.image.vit.patch_embed.proj) is nn.Conv2d
+        assert not any(isinstance(m, (Dropout, PatchConv2d)) for m in model.modules())
         model.text.encoder.set_attn_implementation(model.text.attention)
         plain = model(images, ids, torch.ones_like(ids))
     assert {k: v.shape for k, v in model.state_dict().items()} == keys
@@ -104,21 +105,55 @@ def test_t5_cpu_attention_equals_the_encoders_sdpa_attention_with_padding():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_t5_cpu_attention_drops_attention_weights_in_training():
+def test_t5_encoder_on_a_cpu_runs_the_cpu_attention_and_drops_its_weights_with_the_cpu_mask(monkeypatch):
+    from transformers import AttentionInterface
+
+    calls = []
+
+    def counted(module, *args, **kwargs):
+        calls.append(kwargs["dropout"])
+        return eager_attention(module, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, CPU_ATTENTION, counted)
     tower = t5_tower(0.5)
-    drops = [m for m in tower.modules() if isinstance(m, nn.Dropout)]
-    for m in drops:  # only the attention weights' dropout (a rate, not a module) stays on
-        m.p = 0.0
+    for m in tower.modules():  # only the attention weights' dropout (a rate, not a module) stays on
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     ids = torch.randint(1, 100, (2, 10))
     with torch.no_grad():
         plain = tower.eval()(ids)
+        assert calls == [0.0, 0.0]  # one call per layer, no dropout in eval
+        torch.manual_seed(3)
         dropped = tower.train()(ids)
+        assert calls[2:] == [0.5, 0.5]
+        torch.manual_seed(3)  # the mask comes from keep_mask: the same seed, the same output
+        assert torch.equal(tower(ids), dropped)
     assert not torch.allclose(plain, dropped)
-    tower.encoder.config.dropout_rate = 0.0
-    for layer in tower.encoder.encoder.block:
-        layer.layer[0].SelfAttention.dropout = 0.0
+
+
+def test_t5_cpu_attention_in_bf16_stays_within_bf16_rounding_of_float32():
+    """bf16 matmuls and a bf16-stored softmax (eager's numerics): against the float32 encoder, an
+    error of the order of bf16's rounding, as SDPA's float32 math path has."""
+    tower = t5_tower(0.1).eval()
+    ids = torch.randint(1, 100, (3, 10))
+    ids[1:, 6:] = 0
     with torch.no_grad():
-        torch.testing.assert_close(tower.train()(ids), plain)
+        want = tower(ids)
+        tower.bfloat16()
+        errors = {}
+        for impl in (CPU_ATTENTION, "sdpa"):
+            tower.encoder.set_attn_implementation(impl)
+            errors[impl] = (tower(ids).float() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert errors[CPU_ATTENTION] < 0.02 * scale
+    assert errors[CPU_ATTENTION] < 4 * errors["sdpa"] + 2**-8 * scale
+
+
+def test_cpu_dropout_compiles_into_one_graph():
+    compiled = torch.compile(lambda x: fast_dropout(x, 0.25), backend="aot_eager", fullgraph=True)
+    y = compiled(torch.ones(1000))
+    assert 0.15 < (y == 0).float().mean().item() < 0.35
+    assert torch.all(y[y != 0] == 1 / 0.75)
 
 
 def test_text_attention_follows_the_parameters_device_when_the_model_moves():

@@ -165,11 +165,12 @@ def build_step(setup: Setup, grouped_gradients: bool = True, swapped_layers: boo
     loss_fn = ContrastiveLoss(precision.matmul_dtype(cfg.loss.matmul_dtype, chosen), cfg.loss.chunk_size)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size).to(device)
+    if not swapped_layers:  # before the engine: ZeRO-3 hooks the modules it finds
+        restore_layers(model)
     params = sum(p.numel() for p in model.parameters())
     flops = model_flops_per_sample(model, synthetic_batch(cfg, setup.batch, torch.float32, device), loss_fn)
     engine = build_engine(model, cfg.train, grouped_gradients=grouped_gradients)
     if not swapped_layers:  # after the engine's .to(), which picks the text tower's CPU attention again
-        restore_layers(model)
         model.text.encoder.set_attn_implementation(model.text.attention)
     inputs = synthetic_batch(cfg, setup.batch, precision.TORCH_DTYPES[chosen], device)
 
@@ -197,17 +198,24 @@ def build_step(setup: Setup, grouped_gradients: bool = True, swapped_layers: boo
 
 
 def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_seconds: float) -> dict:
-    """Warm-up (compilation included), then `reps` x (dense matmul peak, `steps` timed training
-    steps), interleaved."""
+    """Warm-up (compilation included), then `reps` x (`steps` timed training steps between two
+    measurements of the dense matmul peak): each repetition's MFU is against the mean of the peaks
+    that bracket it, so a machine whose speed drifts (a shared or throttled CPU) compares its steps
+    with its peak of the same moment; `peak_drift` is each repetition's |after - before| / before."""
     cfg, device, chosen = setup.cfg, setup.device, setup.precision.precision
     dtype = precision.TORCH_DTYPES[chosen]
     step = build_step(setup)
     flops = step.flops
     warmup_seconds = step.train_steps(warmup)
-    peaks, rates = [], []
+
+    def peak() -> float:
+        return precision.matmul_gflops(dtype, peak_size, peak_seconds, str(device)) * 1e9
+
+    bracket, rates = [peak()], []
     for _ in range(reps):
-        peaks.append(precision.matmul_gflops(dtype, peak_size, peak_seconds, str(device)) * 1e9)
         rates.append(setup.batch * steps / step.train_steps(steps))
+        bracket.append(peak())
+    peaks = [(a + b) / 2 for a, b in zip(bracket, bracket[1:])]
     achieved = [r * flops["as_trained"] for r in rates]
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -223,6 +231,7 @@ def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_s
         "achieved_flops": spread(achieved),
         "matmul_peak_flops": spread(peaks),
         "matmul_peak_size": peak_size,
+        "peak_drift": spread([abs(b - a) / a for a, b in zip(bracket, bracket[1:])]),
         "mfu_vs_measured_peak": spread([a / p for a, p in zip(achieved, peaks)]),
     }
     sheet = datasheet_tflops(device, chosen)

@@ -1,8 +1,8 @@
 """Drop-in replacements for two torch layers the towers use, same parameters and math, cheaper to
-train (bench/model_ops.py measures each against the layer it replaces):
+train (bench/layers.py measures each against the layer it replaces):
 
 - `PatchConv2d`: a ViT's patch embedding (a convolution whose stride is its kernel) as one matmul
-  over the non-overlapping patches. On a CPU the bf16 convolution's weight gradient is several
+  over the non-overlapping patches, on every device. On a CPU the bf16 convolution's weight gradient is several
   times slower than the same FLOPs as a matmul.
 - `Dropout`: on a CPU, the keep mask drawn as 16-bit integers, two per 32-bit draw of torch's
   generator, instead of torch's bernoulli_ (the largest single operator of a T5 step there).
@@ -44,10 +44,10 @@ class PatchConv2d(nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
         kh, kw = self.kernel_size
-        if h % kh or w % kw:  # the convolution drops the remainder; rare enough to leave to it
+        if x.dim() != 4 or x.shape[-2] % kh or x.shape[-1] % kw:  # unbatched, or a remainder the convolution drops
             return super().forward(x)
+        n, c, h, w = x.shape
         patches = x.reshape(n, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(n, h // kh, w // kw, c * kh * kw)  # [N, H', W', C*kh*kw]
         out = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # [N, H', W', D]
@@ -58,7 +58,7 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
     """Inverted-dropout mask on the CPU: 0 with probability p (rounded to a multiple of 1/65536),
     else 1 / (1 - that rounded p), in `dtype`. Draws from torch's default CPU generator."""
     n = shape.numel()
-    draws = torch.empty((n + 1) // 2, dtype=torch.int32).random_(-(1 << 31), None)
+    draws = torch.randint(-(1 << 31), 1 << 31, ((n + 1) // 2,), dtype=torch.int32)  # traceable by torch.compile
     bits = draws.view(torch.int16)[:n].view(shape)  # uniform over the 65536 int16 values
     dropped = round(p * _LEVELS)
     return (bits >= dropped - _LEVELS // 2).to(dtype).mul_(_LEVELS / (_LEVELS - dropped))
@@ -94,8 +94,9 @@ def eager_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' eager attention for T5 (an AttentionInterface function; `attention_mask` is
     its eager float mask), with `fast_dropout`. q, k, v [N, H, L, Dh] -> ([N, L, H, Dh], weights).
-    On a CPU, with a float bias and dropout, torch's SDPA falls back to a float32 math path
-    about twice as slow forward and backward (bench/layers.py)."""
+    In bf16 its numerics are eager's: bf16 matmuls, the softmax computed in float32 and stored in
+    bf16 (as flash attention stores P); torch's SDPA, which it replaces on a CPU, runs a float32
+    math path there with a float bias and dropout, about twice as slow (bench/layers.py)."""
     weights = torch.matmul(query, key.transpose(2, 3))  # [N, H, L, L]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if scaling != 1.0:  # T5 folds the scale into its weights
@@ -123,15 +124,16 @@ class DeviceKernels(nn.Module):
 
 
 def swap_layers(module: nn.Module) -> int:
-    """Replace, inside `module`, every nn.Dropout by `Dropout` and every patch-embedding nn.Conv2d
-    by `PatchConv2d`. Returns how many layers it replaced."""
+    """Replace, inside `module`, every nn.Dropout by `Dropout` and the nn.Conv2d of every patch
+    embedding (a module with a `patch_size`, as timm's PatchEmbed) by `PatchConv2d`. Returns how
+    many layers it replaced."""
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:
                 new = Dropout(child.p, child.inplace)
                 new.train(child.training)
-            elif PatchConv2d.applies_to(child):
+            elif PatchConv2d.applies_to(child) and hasattr(parent, "patch_size"):  # a ViT's patch embedding
                 new = PatchConv2d.from_conv(child)
             else:
                 continue

@@ -61,12 +61,14 @@ class TextTower(DeviceKernels):
         super().__init__()
         swap_layers(encoder)  # cheaper CPU dropout
         self.encoder = encoder
-        self.attention = encoder.config._attn_implementation  # the encoder's own, off the CPU
+        own = encoder.config._attn_implementation  # what the encoder runs off the CPU
+        self.attention = "sdpa" if own == CPU_ATTENTION else own  # a config another tower switched
         self.proj = nn.Linear(hidden_size(encoder.config), embed_dim, bias=False)
         self._kernels_for(self.proj.weight.device)  # the device it was built on
 
     def _kernels_for(self, device: torch.device) -> None:
-        """T5 encoders on a CPU: `CPU_ATTENTION`, the same math as their SDPA attention."""
+        """T5 encoders on a CPU: `CPU_ATTENTION` (transformers' eager attention with model.layers'
+        dropout) in place of their SDPA attention."""
         if self.encoder.config.model_type in T5_ENCODERS:
             want = CPU_ATTENTION if device.type == "cpu" else self.attention
             if self.encoder.config._attn_implementation != want:
