@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clippy_ray.model import build_model
-from clippy_ray.model.layers import Dropout, PatchConv2d, eager_attention, fast_dropout, restore_layers
+from clippy_ray.model.layers import Dropout, PatchConv2d, T5RMSNorm, eager_attention, fast_dropout, restore_layers
 from clippy_ray.model.text import CPU_ATTENTION, TextTower
 from clippy_ray.tokenizer import build_tokenizer
 from tests.conftest import tiny_config
@@ -35,6 +35,7 @@ def test_swapped_layers_keep_the_state_dict_and_the_model_output():
     assert type(model.image.vit.patch_embed.proj) is PatchConv2d
     assert not any(type(m) is nn.Dropout for m in model.modules())
     assert any(type(m) is Dropout for m in model.text.modules())
+    assert any(type(m) is T5RMSNorm for m in model.text.modules())
     keys = {k: v.shape for k, v in model.state_dict().items()}
     images = torch.randn(2, 3, cfg.model.image.img_size, cfg.model.image.img_size)
     ids = torch.randint(3, 50, (2, 8))
@@ -42,7 +43,7 @@ def test_swapped_layers_keep_the_state_dict_and_the_model_output():
         swapped = model(images, ids, torch.ones_like(ids))
         assert restore_layers(model) > 0
         assert type(model.image.vit.patch_embed.proj) is nn.Conv2d
-        assert not any(isinstance(m, (Dropout, PatchConv2d)) for m in model.modules())
+        assert not any(isinstance(m, (Dropout, PatchConv2d, T5RMSNorm)) for m in model.modules())
         model.text.encoder.set_attn_implementation(model.text.attention)
         plain = model(images, ids, torch.ones_like(ids))
     assert {k: v.shape for k, v in model.state_dict().items()} == keys
@@ -78,6 +79,36 @@ def test_cpu_dropout_follows_the_seed_and_is_the_identity_in_eval_or_at_zero():
     assert drop.eval()(x) is x
     assert torch.equal(Dropout(0.0).train()(x), x)
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "w_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+)
+def test_t5_rms_norm_on_a_cpu_equals_t5_layer_norm_in_value_dtype_and_gradients(x_dtype, w_dtype):
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    torch.manual_seed(0)
+    ref = T5LayerNorm(64)
+    ref.weight.data = (torch.rand(64) + 0.5).to(w_dtype)
+    norm = T5RMSNorm(64)
+    norm.weight = ref.weight
+    x = (torch.randn(4, 7, 64) * 3).to(x_dtype).requires_grad_()
+    grad = torch.randn(4, 7, 64)
+    out = []
+    for module in (ref, norm):
+        y = module(x)
+        out.append((y, *torch.autograd.grad(y, (x, ref.weight), grad.to(y.dtype))))
+    # float64 reference gradients: ours are computed in float32 throughout, T5's round through bf16
+    x64, w64 = x.detach().double().requires_grad_(), ref.weight.detach().double().requires_grad_()
+    y64 = w64 * x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-6)
+    want_x, want_w = torch.autograd.grad(y64, (x64, w64), grad.double())
+    (ref_y, ref_gx, ref_gw), (y, gx, gw) = out
+    assert y.dtype == ref_y.dtype and gx.dtype == x.dtype and gw.dtype == w_dtype
+    tol = {"rtol": 1e-5, "atol": 1e-5} if x_dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-7}
+    torch.testing.assert_close(y, ref_y, **tol)
+    assert (gx.double() - want_x).abs().max() <= (ref_gx.double() - want_x).abs().max() * 1.01 + 1e-6
+    torch.testing.assert_close(gw.double(), want_w, rtol=1e-2, atol=1e-2 * want_w.abs().max().item())
 
 
 def t5_tower(dropout_rate: float) -> TextTower:

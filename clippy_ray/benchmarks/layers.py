@@ -13,7 +13,7 @@ from clippy_ray import precision
 from clippy_ray.benchmarks.common import synchronize
 from clippy_ray.benchmarks.throughput import Setup
 from clippy_ray.model import build_model
-from clippy_ray.model.layers import Dropout, PatchConv2d, eager_attention
+from clippy_ray.model.layers import Dropout, PatchConv2d, T5LayerNorm, T5RMSNorm, eager_attention
 from clippy_ray.model.text import T5_ENCODERS
 from clippy_ray.tokenizer import build_tokenizer
 
@@ -58,6 +58,11 @@ def _pairs(setup: Setup) -> dict[str, tuple[nn.Module, nn.Module, torch.Size, bo
             pairs[name] = (nn.Dropout(p), Dropout(p), (setup.batch, length, width), True)
     if text.model_type in T5_ENCODERS:
         pairs["T5 attention"] = _attention_pair(setup, text.num_heads, text.d_kv, p)
+    if text.model_type == "t5":
+        norm = T5LayerNorm(text.d_model, text.layer_norm_epsilon)
+        swapped = T5RMSNorm(text.d_model, text.layer_norm_epsilon)
+        swapped.weight = norm.weight
+        pairs["T5 RMS norm"] = (norm, swapped, (setup.batch, cfg.model.text.max_length, text.d_model), True)
     dtype = precision.TORCH_DTYPES[setup.precision.precision]
     return {
         name: (a.to(device, dtype).train(), b.to(device, dtype).train(), torch.Size(shape), grad)

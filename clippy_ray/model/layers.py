@@ -7,6 +7,8 @@ train (bench/layers.py measures each against the layer it replaces):
 - `Dropout`: on a CPU, the keep mask drawn as 16-bit integers, two per 32-bit draw of torch's
   generator, instead of torch's bernoulli_ (the largest single operator of a T5 step there).
   Elsewhere, and in eval mode, it is nn.Dropout.
+- `T5RMSNorm`: T5's RMS norm; on a CPU its forward and backward as one autograd function of a few
+  whole-tensor passes instead of autograd over T5's float32 chain of casts.
 
 `swap_layers(module)` puts them in place of every matching layer; state dicts are unchanged.
 `restore_layers(module)` undoes it (the benchmark's baseline). `eager_attention` is T5's attention
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 _LEVELS = 1 << 16  # the keep mask's resolution: the drop rate is rounded to a multiple of 1/65536
 
@@ -81,6 +84,45 @@ class Dropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
 
+class _RMSNorm(torch.autograd.Function):
+    """T5LayerNorm's math: weight * cast(x * rsqrt(mean(x^2) + eps)), the cast to the weight's
+    dtype when that is half or bf16, the statistics in float32; the gradient in float32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # [..., 1]
+        rstd = rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        dtype = weight.dtype if half else torch.promote_types(x.dtype, torch.float32)
+        normed = torch.empty(x.shape, dtype=dtype, device=x.device)
+        torch.mul(x, rstd, out=normed)  # computed in float32, stored in normed's dtype: one pass
+        ctx.save_for_backward(x, normed, weight, rstd)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, normed, weight, rstd = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g = grad * weight.float()  # d loss / d normalized x, float32
+            # d/dx of x * rstd(x): rstd * g - x * rstd^3 * mean(g * x)
+            coef = (g * x).sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(-x.shape[-1])
+            grad_x = torch.empty_like(x)
+            torch.addcmul(g.mul_(rstd), x, coef, out=grad_x)
+        return grad_x, grad_weight, None
+
+
+class T5RMSNorm(T5LayerNorm):
+    """T5LayerNorm (same weight), through `_RMSNorm` on a CPU."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.device.type != "cpu":
+            return super().forward(hidden_states)
+        return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
 def eager_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -124,9 +166,9 @@ class DeviceKernels(nn.Module):
 
 
 def swap_layers(module: nn.Module) -> int:
-    """Replace, inside `module`, every nn.Dropout by `Dropout` and the nn.Conv2d of every patch
-    embedding (a module with a `patch_size`, as timm's PatchEmbed) by `PatchConv2d`. Returns how
-    many layers it replaced."""
+    """Replace, inside `module`, every nn.Dropout by `Dropout`, every T5LayerNorm by `T5RMSNorm`
+    and the nn.Conv2d of every patch embedding (a module with a `patch_size`, as timm's PatchEmbed)
+    by `PatchConv2d`. Returns how many layers it replaced."""
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -135,6 +177,10 @@ def swap_layers(module: nn.Module) -> int:
                 new.train(child.training)
             elif PatchConv2d.applies_to(child) and hasattr(parent, "patch_size"):  # a ViT's patch embedding
                 new = PatchConv2d.from_conv(child)
+            elif type(child) is T5LayerNorm:
+                new = T5RMSNorm(child.weight.shape[0], child.variance_epsilon)
+                new.weight = child.weight
+                new.train(child.training)
             else:
                 continue
             setattr(parent, name, new)
@@ -143,7 +189,8 @@ def swap_layers(module: nn.Module) -> int:
 
 
 def restore_layers(module: nn.Module) -> int:
-    """Undo `swap_layers`: torch's nn.Dropout and nn.Conv2d again, sharing the same parameters."""
+    """Undo `swap_layers`: torch's nn.Dropout and nn.Conv2d and T5LayerNorm again, sharing the same
+    parameters."""
     restored = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -152,6 +199,9 @@ def restore_layers(module: nn.Module) -> int:
             elif type(child) is PatchConv2d:
                 new = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, device="meta")
                 new.weight, new.bias = child.weight, child.bias
+            elif type(child) is T5RMSNorm:
+                new = T5LayerNorm(child.weight.shape[0], child.variance_epsilon)
+                new.weight = child.weight
             else:
                 continue
             new.train(child.training)
