@@ -86,7 +86,8 @@ class Dropout(nn.Dropout):
 
 class _RMSNorm(torch.autograd.Function):
     """T5LayerNorm's math: weight * cast(x * rsqrt(mean(x^2) + eps)), the cast to the weight's
-    dtype when that is half or bf16, the statistics in float32; the gradient in float32."""
+    dtype when that is half or bf16, the statistics in float32; the input's gradient in float32
+    (the weight's in the output's dtype, as autograd computes it)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,11 +101,12 @@ class _RMSNorm(torch.autograd.Function):
         return weight * normed
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, normed, weight, rstd = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype)
+            grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
             g = grad * weight.float()  # d loss / d normalized x, float32
             # d/dx of x * rstd(x): rstd * g - x * rstd^3 * mean(g * x)
@@ -115,10 +117,10 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class T5RMSNorm(T5LayerNorm):
-    """T5LayerNorm (same weight), through `_RMSNorm` on a CPU."""
+    """T5LayerNorm (same weight), through `_RMSNorm` on a CPU (float64 aside: T5 narrows its statistics)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.device.type != "cpu":
+        if hidden_states.device.type != "cpu" or hidden_states.dtype == torch.float64:
             return super().forward(hidden_states)
         return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
