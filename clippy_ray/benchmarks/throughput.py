@@ -156,8 +156,8 @@ def build_step(setup: Setup, grouped_gradients: bool = True, swapped_layers: boo
     """Model, loss and DeepSpeed engine as a training worker builds them, on one synthetic batch.
     With train.compile the model is compiled in place (DeepSpeed's engine.compile), in the first
     steps. `grouped_gradients=False`: DeepSpeed's BF16_Optimizer as shipped (engine.GroupedGradients).
-    `swapped_layers=False`: torch's own dropout and patch convolution and the text encoder's own
-    attention instead of model.layers' (bench/layers.py)."""
+    `swapped_layers=False`: torch's dropout and patch convolution, T5's RMS norm and the text
+    encoder's own attention instead of model.layers' (bench/layers.py)."""
     from clippy_ray.train.engine import build_engine
 
     cfg, device = setup.cfg, setup.device

@@ -59,7 +59,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class TextTower(DeviceKernels):
     def __init__(self, encoder: PreTrainedModel, embed_dim: int):
         super().__init__()
-        swap_layers(encoder)  # cheaper CPU dropout
+        swap_layers(encoder)  # cheaper CPU dropout and RMS norm
         self.encoder = encoder
         own = encoder.config._attn_implementation  # what the encoder runs off the CPU
         self.attention = "sdpa" if own == CPU_ATTENTION else own  # a config another tower switched
