@@ -1,9 +1,9 @@
-"""Drop-in replacements for two torch layers the towers use, same parameters and math, cheaper to
-train (bench/layers.py measures each against the layer it replaces):
+"""Drop-in replacements for layers the towers use, same parameters and math, cheaper to train
+(bench/layers.py measures each against the layer it replaces):
 
 - `PatchConv2d`: a ViT's patch embedding (a convolution whose stride is its kernel) as one matmul
-  over the non-overlapping patches, on every device. On a CPU the bf16 convolution's weight gradient is several
-  times slower than the same FLOPs as a matmul.
+  over the non-overlapping patches, on every device. On a CPU the bf16 convolution's weight
+  gradient is several times slower than the same FLOPs as a matmul.
 - `Dropout`: on a CPU, the keep mask drawn as 16-bit integers, two per 32-bit draw of torch's
   generator, instead of torch's bernoulli_ (the largest single operator of a T5 step there).
   Elsewhere, and in eval mode, it is nn.Dropout.
@@ -12,7 +12,8 @@ train (bench/layers.py measures each against the layer it replaces):
 
 `swap_layers(module)` puts them in place of every matching layer; state dicts are unchanged.
 `restore_layers(module)` undoes it (the benchmark's baseline). `eager_attention` is T5's attention
-with that dropout, and `DeviceKernels` lets a tower pick its attention for its device.
+with that dropout (text.py switches T5 to it on a CPU), and `DeviceKernels` lets a tower pick its
+kernels for its device.
 """
 
 from __future__ import annotations
