@@ -1,7 +1,9 @@
 """What model.layers saves: one worker's training step with the towers' layers as the model builds
-them (the patch embedding as a matmul, the CPU dropout mask drawn as 16-bit integers) against the
-same step with torch's nn.Conv2d and nn.Dropout, interleaved over repetitions, on the same model,
-batch and device; and each layer alone, forward and backward, at the step's shapes.
+them (the patch embedding as a matmul; on a CPU the dropout mask drawn as 16-bit integers, T5's
+eager attention and its RMS norm as one autograd function) against the same step with torch's
+nn.Conv2d and nn.Dropout, T5LayerNorm and the encoder's SDPA attention, interleaved over
+repetitions, on the same model, batch and device; and each layer alone, forward and backward, at
+the step's shapes.
 
     python bench/layers.py --config configs/vitb16_t5base.yaml --batch 128 --steps 2 \\
         'model.image.timm_kwargs={depth: 2}' \\
