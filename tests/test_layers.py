@@ -55,16 +55,36 @@ def test_swapped_layers_keep_the_state_dict_and_the_model_output():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dropout_drops_at_its_rate_scales_what_it_keeps_and_masks_the_gradient_alike(p, dtype):
     torch.manual_seed(0)
-    n = 200_001  # odd: the last 32-bit draw is half used
+    n = 200_001  # not a multiple of 4: the last 64-bit draw is partly used
     x = torch.ones(n, dtype=dtype, requires_grad=True)
     y = Dropout(p).train()(x)
     y.backward(torch.ones_like(y))
     dropped = round(p * 65536) / 65536
     frac = (y == 0).double().mean().item()
     assert abs(frac - dropped) < 5 * math.sqrt(dropped * (1 - dropped) / n)
+    for quarter in range(4):  # each of a draw's four 16-bit fields masks at the rate
+        part = y[quarter::4]
+        frac = (part == 0).double().mean().item()
+        assert abs(frac - dropped) < 5 * math.sqrt(dropped * (1 - dropped) / part.numel())
     kept = y[y != 0]
     assert torch.all(kept == torch.tensor(1 / (1 - dropped), dtype=dtype))
     assert torch.equal(x.grad, y.detach())  # the backward uses the forward's mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_scales_in_float32_and_rounds_once(dtype):
+    """Kept values are x / (1 - p) rounded once to x's dtype, as F.dropout's: not x times a scale
+    already rounded to bf16 (1.109375 for 1 / 0.9, which would shrink the layer's mean output)."""
+    torch.manual_seed(0)
+    x = torch.randn(10_000, dtype=torch.float32).to(dtype).requires_grad_()
+    grad = torch.randn(10_000).to(dtype)
+    y = Dropout(0.1).train()(x)
+    y.backward(grad)
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    kept = y != 0
+    assert torch.equal(y[kept], (x[kept].detach().float() * scale).to(dtype))
+    assert torch.equal(x.grad[kept], (grad[kept].float() * scale).to(dtype))
+    assert torch.all(x.grad[~kept] == 0)
 
 
 def test_cpu_dropout_follows_the_seed_and_is_the_identity_in_eval_or_at_zero():
@@ -165,7 +185,7 @@ def test_t5_encoder_on_a_cpu_runs_the_cpu_attention_and_drops_its_weights_with_t
         torch.manual_seed(3)
         dropped = tower.train()(ids)
         assert calls[2:] == [0.5, 0.5]
-        torch.manual_seed(3)  # the mask comes from keep_mask: the same seed, the same output
+        torch.manual_seed(3)  # the mask comes from torch's generator: the same seed, the same output
         assert torch.equal(tower(ids), dropped)
     assert not torch.allclose(plain, dropped)
 

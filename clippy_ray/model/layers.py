@@ -4,9 +4,9 @@
 - `PatchConv2d`: a ViT's patch embedding (a convolution whose stride is its kernel) as one matmul
   over the non-overlapping patches, on every device. On a CPU the bf16 convolution's weight
   gradient is several times slower than the same FLOPs as a matmul.
-- `Dropout`: on a CPU, the keep mask drawn as 16-bit integers, two per 32-bit draw of torch's
-  generator, instead of torch's bernoulli_ (the largest single operator of a T5 step there).
-  Elsewhere, and in eval mode, it is nn.Dropout.
+- `Dropout`: on a CPU, the keep mask drawn as 16-bit integers, four per 64-bit draw of torch's
+  generator, instead of torch's bernoulli_ (the largest single operator of a T5 step there), and
+  mask and scale applied in one pass. Elsewhere, and in eval mode, it is nn.Dropout.
 - `T5RMSNorm`: T5's RMS norm; on a CPU its forward and backward as one autograd function of a few
   whole-tensor passes instead of autograd over T5's float32 chain of casts.
 
@@ -58,26 +58,50 @@ class PatchConv2d(nn.Conv2d):
         return out.permute(0, 3, 1, 2)  # NCHW as a convolution returns, a view: NHWC consumers copy nothing
 
 
-def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """Inverted-dropout mask on the CPU: 0 with probability p (rounded to a multiple of 1/65536),
-    else 1 / (1 - that rounded p), in `dtype`. Draws from torch's default CPU generator."""
-    n = shape.numel()
-    draws = torch.randint(-(1 << 31), 1 << 31, ((n + 1) // 2,), dtype=torch.int32)  # traceable by torch.compile
-    bits = draws.view(torch.int16)[:n].view(shape)  # uniform over the 65536 int16 values
-    dropped = round(p * _LEVELS)
-    return (bits >= dropped - _LEVELS // 2).to(dtype).mul_(_LEVELS / (_LEVELS - dropped))
+def uniform_int16(n: int) -> torch.Tensor:
+    """n integers uniform over the 65536 int16 values, from torch's default CPU generator: four per
+    64-bit draw. torch's full 64-bit range kernel (`random_(-2**63, None)`) takes the generator's
+    64 bits as they are; a narrower range pays a 64-bit modulo per element, 3-5x slower. Under
+    torch.compile, which cannot trace `random_`, two per `randint` int32 draw."""
+    if torch.compiler.is_compiling():
+        draws = torch.randint(-(1 << 31), 1 << 31, ((n + 1) // 2,), dtype=torch.int32)
+    else:
+        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
+    return draws.view(torch.int16)[:n]
+
+
+class _CPUDropout(torch.autograd.Function):
+    """Inverted dropout on the CPU: 0 with probability p rounded to a multiple of 1/65536, else
+    x / (1 - that rounded p), computed in float32 and rounded once to x's dtype (as F.dropout
+    does). The mask is made in x's dtype in one pass (1 kept, 0 dropped) and saved for the
+    backward, which applies it and the scale in one pass as the forward does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        dropped = round(p * _LEVELS)
+        keep = torch.empty(x.shape, dtype=x.dtype)
+        torch.ge(uniform_int16(x.numel()).view(x.shape), dropped - _LEVELS // 2, out=keep)
+        ctx.scale = _LEVELS / (_LEVELS - dropped)
+        ctx.save_for_backward(keep)
+        return torch.addcmul(torch.zeros((), dtype=x.dtype), x, keep, value=ctx.scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.addcmul(torch.zeros((), dtype=grad.dtype), grad, keep, value=ctx.scale), None
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout with `keep_mask` on the CPU."""
+    """F.dropout, through `_CPUDropout` on the CPU in training at 0 < p < 1."""
     dropped = round(p * _LEVELS)
     if not training or x.device.type != "cpu" or not 0 < dropped < _LEVELS:
         return F.dropout(x, p, training)
-    return x * keep_mask(x.shape, p, x.dtype)
+    return _CPUDropout.apply(x, p)
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose CPU training mask is `keep_mask`; the same layer everywhere else."""
+    """nn.Dropout, through `_CPUDropout` on the CPU in training; the same layer everywhere else."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inplace:
