@@ -53,6 +53,12 @@ def main() -> None:
         f"bracketing a repetition, which differed by {common.describe(out['peak_drift']['values'], '{:.0%}')})"
     )
     print(f"  MFU vs measured peak:  {common.describe(out['mfu_vs_measured_peak']['values'], '{:.3f}')}")
+    quiet = out["mfu_at_highest_peaks"]
+    print(
+        f"  MFU, quietest quarter: {common.describe(quiet['values'], '{:.3f}')} (the {len(quiet['values'])} "
+        f"repetitions with the highest peaks, >= {quiet['lowest_peak_flops'] / 1e9:.0f} GFLOP/s: on a shared "
+        "host MFU reads higher while neighbours slow the matmul peak)"
+    )
     if "mfu_vs_datasheet" in out:
         print(
             f"  MFU vs datasheet:      {common.describe(out['mfu_vs_datasheet']['values'], '{:.3f}')} "

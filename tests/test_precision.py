@@ -415,3 +415,14 @@ def test_grouped_gradients_give_deepspeeds_bf16_optimizer_step_with_one_operator
     assert ops["mul_"] == base["mul_"] - (params - groups if clip else 0)
     assert ops["_to_copy"] == base["_to_copy"] - 2 * params and ops["add_"] == base["add_"] - 2 * params
     assert sum(ops.values()) < sum(base.values()) - 9 * params
+
+
+def test_mfu_of_the_quietest_quarter_takes_the_repetitions_with_the_highest_peaks():
+    from clippy_ray.benchmarks.throughput import mfu_at_highest_peaks
+
+    peaks = [600.0, 1200.0, 700.0, 1000.0, 650.0, 900.0, 800.0, 1100.0]
+    achieved = [300.0, 360.0, 330.0, 350.0, 310.0, 340.0, 320.0, 352.0]
+    quiet = mfu_at_highest_peaks(achieved, peaks)
+    assert quiet["values"] == [360.0 / 1200.0, 352.0 / 1100.0]  # the top two of eight, by peak
+    assert quiet["lowest_peak_flops"] == 1100.0
+    assert mfu_at_highest_peaks([10.0, 20.0], [100.0, 50.0])["values"] == [0.1]  # at least one
