@@ -116,12 +116,12 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # [..., 1]
+        x32 = x.to(torch.float32)  # one cast, reused: mixed-dtype operators would each cast again
+        rstd = torch.linalg.vector_norm(x32, dim=-1, keepdim=True)  # [..., 1]
         rstd = rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-        half = weight.dtype in (torch.float16, torch.bfloat16)
-        dtype = weight.dtype if half else torch.promote_types(x.dtype, torch.float32)
-        normed = torch.empty(x.shape, dtype=dtype, device=x.device)
-        torch.mul(x, rstd, out=normed)  # computed in float32, stored in normed's dtype: one pass
+        normed = x32.mul_(rstd) if x32 is not x else x * rstd  # float32
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            normed = normed.to(weight.dtype)
         ctx.save_for_backward(x, normed, weight, rstd)
         return weight * normed
 
@@ -133,11 +133,12 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            g = grad * weight.float()  # d loss / d normalized x, float32
+            x32 = x.to(torch.float32)
+            g = grad.to(torch.float32)
+            g = g.mul_(weight) if g is not grad else g * weight  # d loss / d normalized x, float32
             # d/dx of x * rstd(x): rstd * g - x * rstd^3 * mean(g * x)
-            coef = (g * x).sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(-x.shape[-1])
-            grad_x = torch.empty_like(x)
-            torch.addcmul(g.mul_(rstd), x, coef, out=grad_x)
+            coef = torch.linalg.vecdot(g, x32).unsqueeze_(-1).mul_(rstd.pow(3)).div_(-x.shape[-1])
+            grad_x = torch.addcmul(g.mul_(rstd), x32, coef).to(x.dtype)
         return grad_x, grad_weight, None
 
 
