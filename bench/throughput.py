@@ -65,7 +65,7 @@ def main() -> None:
         print(
             f"  step time vs peak:     {fit['slope']:.2f} x (the step's FLOPs at the peak) "
             f"+ {fit['intercept_s']:.2f} s (least squares over the repetitions, correlation "
-            f"{fit['correlation']:.2f}); MFU {fit['mfu_at_highest_peak']:.3f} at the highest peak measured, "
+            f"{fit['correlation']:.2f}); MFU {fit['mfu_at_highest_peak']:.3f} at the highest bracketing peak, "
             f"{top:.0f} GFLOP/s"
         )
     if "mfu_vs_datasheet" in out:

@@ -261,7 +261,7 @@ def mfu_at_highest_peaks(achieved: list[float], peaks: list[float]) -> dict:
 def step_vs_peak(seconds: list[float], peaks: list[float], flops: float) -> dict:
     """Least squares over the repetitions: seconds = slope * flops / peak + intercept, the part of
     the time that moves with the matmul peak and the part that does not, their correlation, and
-    the MFU the fit gives at the highest peak measured (`mfu_at(peak)` for any other)."""
+    the MFU the fit gives at the highest of `peaks` (`mfu_at` for any other)."""
     x = [flops / p for p in peaks]
     mx, my = statistics.fmean(x), statistics.fmean(seconds)
     sxx = sum((a - mx) ** 2 for a in x)
