@@ -59,15 +59,6 @@ def main() -> None:
         f"repetitions with the highest peaks, >= {quiet['lowest_peak_flops'] / 1e9:.0f} GFLOP/s: on a shared "
         "host MFU reads higher while neighbours slow the matmul peak)"
     )
-    fit = out["step_vs_peak"]
-    if fit["slope"] is not None:
-        top = fit["highest_peak_flops"] / 1e9
-        print(
-            f"  step time vs peak:     {fit['slope']:.2f} x (the step's FLOPs at the peak) "
-            f"+ {fit['intercept_s']:.2f} s (least squares over the repetitions, correlation "
-            f"{fit['correlation']:.2f}); MFU {fit['mfu_at_highest_peak']:.3f} at the highest bracketing peak, "
-            f"{top:.0f} GFLOP/s"
-        )
     if "mfu_vs_datasheet" in out:
         print(
             f"  MFU vs datasheet:      {common.describe(out['mfu_vs_datasheet']['values'], '{:.3f}')} "

@@ -73,8 +73,8 @@ def test_cpu_dropout_drops_at_its_rate_scales_what_it_keeps_and_masks_the_gradie
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dropout_scales_in_float32_and_rounds_once(dtype):
-    """Kept values are x / (1 - p) rounded once to x's dtype, as F.dropout's: not x times a scale
-    already rounded to bf16 (1.109375 for 1 / 0.9, which would shrink the layer's mean output)."""
+    """Kept values are x / (1 - p) rounded once to x's dtype (as CUDA's dropout): not x times a
+    scale already rounded to bf16 (1.109375 for 1 / 0.9, which shrinks the layer's mean output)."""
     torch.manual_seed(0)
     x = torch.randn(10_000, dtype=torch.float32).to(dtype).requires_grad_()
     grad = torch.randn(10_000).to(dtype)
@@ -210,9 +210,31 @@ def test_t5_cpu_attention_in_bf16_stays_within_bf16_rounding_of_float32():
 
 def test_cpu_dropout_compiles_into_one_graph():
     compiled = torch.compile(lambda x: fast_dropout(x, 0.25), backend="aot_eager", fullgraph=True)
-    y = compiled(torch.ones(1000))
+    x = torch.ones(1000, requires_grad=True)
+    y = compiled(x)
     assert 0.15 < (y == 0).float().mean().item() < 0.35
     assert torch.all(y[y != 0] == 1 / 0.75)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, y.detach())
+
+
+def test_cpu_dropout_on_strided_inputs_double_backward_and_integers():
+    x = torch.randn(48, 64)
+    drop = Dropout(0.3).train()
+    torch.manual_seed(4)
+    strided = drop(x.t())
+    torch.manual_seed(4)
+    assert torch.equal(strided, drop(x.t().contiguous()))  # the same mask, whatever the layout
+    w = torch.randn(64, 48, requires_grad=True)
+    (g,) = torch.autograd.grad((drop(w) ** 2).sum(), w, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), w)  # g = 2 m^2 w for the mask m: d/dw sum(g) = 2 m^2
+    m_sq = g.detach() / (2 * w.detach())
+    torch.testing.assert_close(gg, 2 * m_sq)
+    scale = 65536 / (65536 - round(0.3 * 65536))
+    assert torch.all((m_sq == 0) | torch.isclose(m_sq, torch.tensor(scale**2)))
+    assert (m_sq == 0).any() and (m_sq != 0).any()
+    with pytest.raises(RuntimeError):  # as F.dropout: integers cannot be dropped out
+        drop(torch.ones(10, dtype=torch.int64))
 
 
 def test_text_attention_follows_the_parameters_device_when_the_model_moves():

@@ -426,17 +426,3 @@ def test_mfu_of_the_quietest_quarter_takes_the_repetitions_with_the_highest_peak
     assert quiet["values"] == [360.0 / 1200.0, 352.0 / 1100.0]  # the top two of eight, by peak
     assert quiet["lowest_peak_flops"] == 1100.0
     assert mfu_at_highest_peaks([10.0, 20.0], [100.0, 50.0])["values"] == [0.1]  # at least one
-
-
-def test_step_vs_peak_recovers_a_known_split_of_the_step_time():
-    from clippy_ray.benchmarks.throughput import mfu_at, step_vs_peak
-
-    flops = 2e12
-    peaks = [5e11, 8e11, 1e12, 1.3e12, 2e12]
-    seconds = [1.2 * flops / p + 2.5 for p in peaks]  # 1.2x the time at the peak, plus 2.5 s
-    fit = step_vs_peak(seconds, peaks, flops)
-    assert fit["slope"] == pytest.approx(1.2) and fit["intercept_s"] == pytest.approx(2.5)
-    assert fit["correlation"] == pytest.approx(1.0)
-    assert fit["mfu_at_highest_peak"] == pytest.approx(flops / (1.2 * 1.0 + 2.5) / 2e12)
-    assert mfu_at(1.2, 2.5, flops, 4e12) == pytest.approx(flops / (0.6 + 2.5) / 4e12)
-    assert step_vs_peak([1.0, 1.0, 1.0], [1e12, 2e12, 3e12], flops)["slope"] is None  # nothing to fit

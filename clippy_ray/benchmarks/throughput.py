@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -203,8 +202,7 @@ def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_s
     measurements of the dense matmul peak): each repetition's MFU is against the mean of the peaks
     that bracket it, so a machine whose speed drifts (a shared or throttled CPU) compares its steps
     with its peak of the same moment; `peak_drift` is each repetition's |after - before| / before;
-    `mfu_at_highest_peaks` the MFU of the least contended quarter of the repetitions;
-    `step_vs_peak` how the step's time moves with the peak."""
+    `mfu_at_highest_peaks` the MFU of the least contended quarter of the repetitions."""
     cfg, device, chosen = setup.cfg, setup.device, setup.precision.precision
     dtype = precision.TORCH_DTYPES[chosen]
     step = build_step(setup)
@@ -237,9 +235,6 @@ def run(setup: Setup, steps: int, warmup: int, reps: int, peak_size: int, peak_s
         "peak_drift": spread([abs(b - a) / a for a, b in zip(bracket, bracket[1:])]),
         "mfu_vs_measured_peak": spread([a / p for a, p in zip(achieved, peaks)]),
         "mfu_at_highest_peaks": mfu_at_highest_peaks(achieved, peaks),
-        "step_vs_peak": step_vs_peak(
-            [steps * setup.batch / r for r in rates], peaks, steps * setup.batch * flops["as_trained"]
-        ),
     }
     sheet = datasheet_tflops(device, chosen)
     if sheet:
@@ -253,43 +248,10 @@ def mfu_at_highest_peaks(achieved: list[float], peaks: list[float]) -> dict:
     that quarter's lowest peak. On a host shared with other machines the matmul peak moves with
     their load more than the training step does (the step's memory-bound work slows less than its
     matmuls), so MFU reads higher when the host is busy; these are the least contended
-    repetitions, the figure closest to a quiet machine's."""
+    repetitions. Chosen by the measured peak, which is itself noisy, so the quarter leans to
+    repetitions whose peak read high: this figure leans low."""
     ranked = sorted(zip(peaks, achieved), reverse=True)[: max(1, len(peaks) // 4)]
     return {**spread([a / p for p, a in ranked]), "lowest_peak_flops": ranked[-1][0]}
-
-
-def step_vs_peak(seconds: list[float], peaks: list[float], flops: float) -> dict:
-    """Least squares over the repetitions: seconds = slope * flops / peak + intercept, the part of
-    the time that moves with the matmul peak and the part that does not, their correlation, and
-    the MFU the fit gives at the highest of `peaks` (`mfu_at` for any other)."""
-    x = [flops / p for p in peaks]
-    mx, my = statistics.fmean(x), statistics.fmean(seconds)
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in seconds)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, seconds))
-    if len(x) < 3 or sxx == 0 or syy == 0:
-        return {
-            "slope": None,
-            "intercept_s": None,
-            "correlation": None,
-            "highest_peak_flops": max(peaks),
-            "mfu_at_highest_peak": None,
-        }
-    slope = sxy / sxx
-    intercept = my - slope * mx
-    top = max(peaks)
-    return {
-        "slope": slope,
-        "intercept_s": intercept,
-        "correlation": sxy / (sxx * syy) ** 0.5,
-        "highest_peak_flops": top,
-        "mfu_at_highest_peak": mfu_at(slope, intercept, flops, top),
-    }
-
-
-def mfu_at(slope: float, intercept: float, flops: float, peak: float) -> float:
-    """The MFU a `step_vs_peak` fit gives at a matmul peak of `peak` FLOP/s."""
-    return flops / (slope * flops / peak + intercept) / peak
 
 
 def interleaved_seconds(steps: dict[str, Step], reps: int, n: int) -> dict[str, list[float]]:

@@ -72,9 +72,11 @@ def uniform_int16(n: int) -> torch.Tensor:
 
 class _CPUDropout(torch.autograd.Function):
     """Inverted dropout on the CPU: 0 with probability p rounded to a multiple of 1/65536, else
-    x / (1 - that rounded p), computed in float32 and rounded once to x's dtype (as F.dropout
-    does). The mask is made in x's dtype in one pass (1 kept, 0 dropped) and saved for the
-    backward, which applies it and the scale in one pass as the forward does."""
+    x / (1 - that rounded p), computed in float32 and rounded once to x's dtype (as CUDA's
+    native_dropout does; torch's CPU path multiplies by the scale already rounded to x's dtype).
+    The mask is made in x's dtype in one pass (1 kept, 0 dropped) and saved for the backward,
+    which applies it and the scale in one pass as the forward does (and is itself
+    differentiable, for double backward)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
@@ -86,16 +88,15 @@ class _CPUDropout(torch.autograd.Function):
         return torch.addcmul(torch.zeros((), dtype=x.dtype), x, keep, value=ctx.scale)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
         return torch.addcmul(torch.zeros((), dtype=grad.dtype), grad, keep, value=ctx.scale), None
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout, through `_CPUDropout` on the CPU in training at 0 < p < 1."""
+    """F.dropout, through `_CPUDropout` for floating-point tensors on the CPU in training at 0 < p < 1."""
     dropped = round(p * _LEVELS)
-    if not training or x.device.type != "cpu" or not 0 < dropped < _LEVELS:
+    if not training or x.device.type != "cpu" or not x.is_floating_point() or not 0 < dropped < _LEVELS:
         return F.dropout(x, p, training)
     return _CPUDropout.apply(x, p)
 
