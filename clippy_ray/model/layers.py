@@ -72,10 +72,10 @@ def uniform_int16(n: int) -> torch.Tensor:
 
 class _CPUDropout(torch.autograd.Function):
     """Inverted dropout on the CPU: 0 with probability p rounded to a multiple of 1/65536, else
-    x / (1 - that rounded p), computed in float32 and rounded once to x's dtype (as CUDA's
-    native_dropout does; torch's CPU path multiplies by the scale already rounded to x's dtype).
-    The mask is made in x's dtype in one pass (1 kept, 0 dropped) and saved for the backward,
-    which applies it and the scale in one pass as the forward does (and is itself
+    x / (1 - that rounded p), computed in float32 (float64 for float64 x) and rounded once to x's
+    dtype (as CUDA's native_dropout does; torch's CPU path multiplies by the scale already rounded
+    to x's dtype). The mask is made in x's dtype in one pass (1 kept, 0 dropped) and saved for the
+    backward, which applies it and the scale in one pass as the forward does (and is itself
     differentiable, for double backward)."""
 
     @staticmethod
@@ -112,8 +112,9 @@ class Dropout(nn.Dropout):
 
 class _RMSNorm(torch.autograd.Function):
     """T5LayerNorm's math: weight * cast(x * rsqrt(mean(x^2) + eps)), the cast to the weight's
-    dtype when that is half or bf16, the statistics in float32; the input's gradient in float32
-    (the weight's in the output's dtype, as autograd computes it)."""
+    dtype when that is half or bf16, the statistics in float32; the input's gradient computed in
+    float32 and returned in the input's dtype (the weight's in the output's dtype, as autograd
+    computes it)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
