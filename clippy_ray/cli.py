@@ -139,7 +139,8 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from clippy_ray import config, storage
     from clippy_ray.model.handoff import HANDOFF_DIR
-    from clippy_ray.train.trainer import check_inputs, checkpoint_uri, dry_run, fit
+    from clippy_ray.train.state import checkpoint_uri
+    from clippy_ray.train.trainer import check_inputs, dry_run, fit
 
     cfg = config.load(args.config, args.overrides)
     if args.dry_run:

@@ -8,6 +8,7 @@ Every bad field is reported on its own line, naming the field, the value and wha
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -176,7 +177,10 @@ class WandbConfig:
 class TrainConfig:
     run_name: str = "clippy"  # running again with the same name (and storage) resumes the run
     storage: str = "./runs"  # local folder or s3://bucket/prefix for checkpoints and results
-    num_workers: int = 2
+    # an int, or [min, max]: elastic, the run goes on with fewer workers (from its last checkpoint)
+    # when nodes are lost and not replaced, and grows back to max when they return
+    num_workers: int | list[int] = 2
+    resize_check_s: float = 60.0  # elastic: how often Ray looks for room to add workers
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # < 1 on small CPU boxes leaves CPUs for Ray Data decoding
     # custom Ray resources each worker also asks for: pins workers to the node type that declares them
@@ -206,15 +210,72 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     seed: int = 0
+    # write into each checkpoint which rows each step since the previous one trained on (data/batches.npy:
+    # step, rank, data position per row; 24 bytes a row): to audit a run or find the rows behind a loss spike
+    record_batches: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, (list, tuple))
+
+    @property
+    def min_workers(self) -> int:
+        return int(self.num_workers[0]) if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return int(self.num_workers[-1]) if self.elastic else self.num_workers
+
+    @property
     def micro_batch_size(self) -> int:
-        return self.global_batch_size // (self.num_workers * self.grad_accum_steps)
+        """Pairs per worker per forward: the global batch over max_workers x grad_accum_steps. With
+        fewer workers (elastic) it stays and the accumulation grows (`grad_accum_at`)."""
+        return self.global_batch_size // (self.max_workers * self.grad_accum_steps)
+
+    def grad_accum_at(self, workers: int) -> int:
+        """The accumulation that keeps global_batch_size on `workers` workers at micro_batch_size."""
+        return self.global_batch_size // (self.micro_batch_size * workers)
+
+    def _check_workers(self, path: str) -> list[str]:
+        n = self.num_workers
+        if self.elastic:
+            ints = all(isinstance(x, int) and not isinstance(x, bool) for x in n)
+            if len(n) != 2 or not ints or not 1 <= n[0] <= n[1]:
+                return [f"{path}.num_workers: {list(n)} must be a number >= 1 or [min, max] with 1 <= min <= max"]
+        elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            return [f"{path}.num_workers: {n!r} must be a number >= 1 or [min, max] with 1 <= min <= max"]
+        return []
+
+    def _check_batch(self, path: str) -> list[str]:
+        per = self.max_workers * self.grad_accum_steps
+        if self.global_batch_size % per:
+            return [
+                f"{path}.global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
+                f"grad_accum_steps = {per}; use a multiple of {per}"
+            ]
+        # at micro_batch_size, a step is max_workers x grad_accum_steps micro-batches: w workers
+        # keep the global batch iff w divides that number
+        per_step = self.max_workers * self.grad_accum_steps
+        bad = [w for w in range(self.min_workers, self.max_workers) if per_step % w]
+        if bad:
+            low = self.max_workers
+            while low > 1 and per_step % (low - 1) == 0:
+                low -= 1
+            every = math.lcm(*range(self.min_workers, self.max_workers + 1))
+            accum = every // math.gcd(every, self.max_workers)
+            return [
+                f"{path}.num_workers: {list(self.num_workers)}: a step is {per_step} micro-batches (max workers x "
+                f"grad_accum_steps), which {bad[-1]} workers cannot share evenly, so the global batch could not "
+                f"stay the same; every size from min to max must divide {per_step}: use num_workers=[{low}, "
+                f"{self.max_workers}], or grad_accum_steps={accum} (and a global_batch_size that is a multiple of "
+                f"{self.max_workers * accum})"
+            ]
+        return []
 
     def check(self, path: str) -> list[str]:
-        errors = self.wandb.check(f"{path}.wandb")
-        counts = ("num_workers", "global_batch_size", "grad_accum_steps", "steps", "checkpoint_every")
+        errors = self.wandb.check(f"{path}.wandb") + self._check_workers(path)
+        counts = ("global_batch_size", "grad_accum_steps", "steps", "checkpoint_every")
         errors += out_of_range(path, self, ">= 1", (*counts, "keep_checkpoints", "log_every", "val_batches"))
         errors += out_of_range(path, self, "> 0", ("lr",))
         if self.lr > 0 and not 0 <= self.min_lr <= self.lr:
@@ -250,12 +311,9 @@ class TrainConfig:
                     f"({', '.join(sorted(list_backends()))})"
                 )
         errors += bad_resources(f"{path}.worker_resources", self.worker_resources)
-        per = self.num_workers * self.grad_accum_steps
-        if per >= 1 and self.global_batch_size >= 1 and self.global_batch_size % per:
-            errors.append(
-                f"{path}.global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
-                f"grad_accum_steps = {per}; use a multiple of {per}"
-            )
+        errors += out_of_range(path, self, ">= 0", ("resize_check_s",))
+        if not self._check_workers(path) and self.global_batch_size >= 1 and self.grad_accum_steps >= 1:
+            errors += self._check_batch(path)
         return errors
 
 

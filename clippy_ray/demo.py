@@ -13,7 +13,8 @@ from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
 from clippy_ray.eval import run_eval, summary_line
 from clippy_ray.model.handoff import HANDOFF_DIR
-from clippy_ray.train.trainer import checkpoint_uri, fit
+from clippy_ray.train.state import checkpoint_uri
+from clippy_ray.train.trainer import fit
 
 # What the demo trains and evaluates on (train-spurious, the biased training split, is left out).
 DEMO_SPLITS = tuple(s for s in BENCHMARK_SPLITS if s != "train-spurious")

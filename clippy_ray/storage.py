@@ -76,6 +76,14 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
 
 
+def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig and Result.from_path: with a
+    filesystem, Ray wants bucket/prefix."""
+    if is_s3(uri):
+        return resolve(uri)[1], resolve(uri)[0]
+    return os.path.abspath(uri), None
+
+
 def _hint(uri: str) -> str:
     if not is_s3(uri):
         return ""

@@ -216,8 +216,8 @@ CASES = [
      "--from={tmp}/empty: no model.safetensors there or in model/; give a training checkpoint "
      "(<run>/step_XXXXXXXX) or its model/ folder"),
     ("from-full-without-shards", ["train", DATA, STORE, "--from", "{handoff}", "--from-mode", "full"],
-     "--from={handoff}: no DeepSpeed shards in ds/ (*model_states.pt); --from-mode full needs a training checkpoint "
-     "(<run>/step_XXXXXXXX); for a handoff folder use --from-mode weights"),
+     "--from={handoff}: no optimizer state (state/index.json, or DeepSpeed shards in ds/); --from-mode full needs a "
+     "training checkpoint (<run>/step_XXXXXXXX); for a handoff folder use --from-mode weights"),
     ("from-full-payload-in-model-states",
      ["train", DATA, STORE, "--from", "{tmp}/ckpt-model-payload", "--from-mode", "full"],
      f"{{tmp}}/ckpt-model-payload/ds/mp_rank_00_model_states.pt: {REFUSED}; {SHARD_FIX}", PAYLOAD),
@@ -474,12 +474,13 @@ def seeded_run(ray_local, world, tmp_path_factory):
 def test_from_weights_reads_only_the_handoff_so_a_payload_in_the_shards_never_loads(seeded_run):
     root = seeded_run["root"]
     assert seeded_run["code"] == 0 and not seeded_run["marker"].exists()
-    assert int(optimizer_state(str(root / "seeded" / "step_00000001"))["state"][0]["step"]) == 1  # a new run
+    assert optimizer_state(str(root / "seeded" / "step_00000001"))[1]["group_steps"]["0"] == 1  # a new run
 
 
 def test_resuming_from_a_planted_shard_in_the_runs_own_storage_is_one_line(seeded_run, capsys):
+    # the optimizer state is safetensors: a pickle in its place is refused as damaged, never unpickled
     root, marker = seeded_run["root"], seeded_run["marker"]
-    shard = root / "seeded" / "step_00000001" / "ds" / "mp_rank_00_model_states.pt"
+    shard = root / "seeded" / "step_00000001" / "state" / "rank00000.safetensors"
     saved = shard.read_bytes()
     torch.save({"x": Payload(marker)}, shard)
     try:
@@ -488,5 +489,8 @@ def test_resuming_from_a_planted_shard_in_the_runs_own_storage_is_one_line(seede
         shard.write_bytes(saved)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0] == f"clippy-ray: {shard}: {REFUSED}; {SHARD_FIX}"
+    assert err[0] == (
+        f"clippy-ray: {shard}: not a readable safetensors file (Error while deserializing: header too large); "
+        "the checkpoint is damaged"
+    )
     assert not marker.exists()

@@ -10,6 +10,7 @@ is left alone whether another test started it or not."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
 import subprocess
@@ -347,21 +348,15 @@ def test_an_autoscaled_sweep_grows_from_zero_worker_nodes_runs_every_trial_and_s
 
 
 def _registered(run: str) -> str | None:
-    """The checkpoint Ray Train registered last for a run (its snapshot in the run folder), if any."""
-    from clippy_ray.train.trainer import RAY_SNAPSHOT
+    """The checkpoint Ray Train registered last for a run (its public Result API), if any."""
+    from ray.train import Result
 
-    if not storage.exists(f"{run}/{RAY_SNAPSHOT}"):
+    path, fs = storage.ray_storage(run)
+    try:
+        checkpoint = Result.from_path(path, storage_filesystem=fs).checkpoint
+    except RuntimeError:  # no run folder or no checkpoint yet
         return None
-    latest = json.loads(storage.read_bytes(f"{run}/{RAY_SNAPSHOT}")).get("latest_checkpoint_result") or {}
-    return latest.get("checkpoint_dir_name")
-
-
-def _bytes_under(uri: str) -> int:
-    import boto3
-
-    bucket, prefix = uri[len("s3://") :].split("/", 1)
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-    return sum(item["Size"] for page in pages for item in page.get("Contents", []))
+    return Path(checkpoint.path).name if checkpoint else None
 
 
 def _logs(cluster, submission_id: str, tries: int = 1) -> str:
@@ -386,104 +381,106 @@ def _job_state(cluster, submission_id: str) -> str:
         return "UNKNOWN"
 
 
-def test_a_whole_node_lost_mid_run_resumes_from_the_s3_checkpoint_at_its_data_position(
-    cluster_factory, s3_bench, tmp_path
+def _wait_for(cluster, job: str, pattern: str, deadline: float, after: int = 0) -> tuple[re.Match, int]:
+    """The first match of `pattern` in the job's output from offset `after` on, polled until
+    `deadline`, and where it ends; fails with the output's tail if the job ends or the deadline
+    passes first."""
+    while True:
+        logs = _logs(cluster, job)
+        if match := re.compile(pattern).search(logs, after):
+            return match, match.end()
+        state = _job_state(cluster, job)
+        assert state not in ("FAILED", "STOPPED", "SUCCEEDED") and time.time() < deadline, (
+            f"waited for {pattern!r}; job {state}:\n{logs[-8000:]}"
+        )
+        time.sleep(0.5)
+
+
+def test_an_elastic_run_checkpoints_on_a_drain_notice_goes_on_with_fewer_workers_and_grows_back(
+    cluster_factory, s3_bench, tmp_path, monkeypatch
 ):
-    """Three training nodes, two workers: one worker's node goes (every process on it, at once)
-    after the first checkpoint. Ray Train restarts the worker group on the two nodes left; the
-    stream starts again at the data position recorded in that checkpoint, reading none of the rows
-    before it, and the run ends at its configured step."""
+    """A spot node's life: two training nodes, `num_workers: [1, 2]`. One node gets a drain notice
+    (a spot preemption's warning) with a 15 s deadline: the run checkpoints at once; at the
+    deadline the node goes and is not replaced: the run goes on with one worker from its last
+    checkpoint (gradient accumulation 2 keeps the global batch). A node joins again: the run grows
+    back to two workers and ends at its configured step. Every row it trained on, over all
+    attempts, it trained once."""
+    # a worker group Ray decides on from a resource view that still counts the lost node waits this
+    # long for it (Ray's default: 60 s) before it decides again
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
     node = {"CPU": 1, "train_node": 1}
-    cluster = cluster_factory({"CPU": 0}, {"w1": node, "w2": node, "w3": node})
+    cluster = cluster_factory({"CPU": 0}, {"w1": node, "w2": node})
     runs = f"s3://{BUCKET}/runs"
-    every, steps = 6, 24  # headroom: the node must go before the run ends
+    steps, every = 400, 10
     train = tiny_run(
         s3_bench,
         f"train.storage={runs}",
-        "train.run_name=node-loss",
-        "train.num_workers=2",
+        "train.run_name=elastic",
+        "train.num_workers=[1, 2]",
+        "train.resize_check_s=5",
         "train.worker_resources={train_node: 1}",
-        # a node has 1 CPU and its training worker 0.5: after the loss no node has a whole CPU free,
-        # and the decode tasks must fit beside the workers
+        # a node has 1 CPU and its training worker 0.5: the decode tasks fit beside the workers
         "train.cpus_per_worker=0.5",
         "data.decode_cpus=0.4",
         f"train.steps={steps}",
         f"train.checkpoint_every={every}",
-        "train.keep_checkpoints=10",  # all of them, to read each one's data position afterwards
+        "train.keep_checkpoints=1000",  # all of them: their rows make the run's whole record
+        "train.record_batches=true",
         "train.log_every=2",
         "train.val_every=0",
-        # an ungraceful loss is noticed by missed heartbeats: until then a restart can still be
-        # placed on the lost node and fail once more
+        "data.val=null",
         "train.max_failures=4",
     )
-    submit(cluster, "lossy", "jobs/train.py", *train, options=("--no-wait",))
-    run = f"{runs}/node-loss"
-    deadline = time.time() + 600
-    polled = 0.0
-    while _registered(run) is None:  # Ray has taken the first checkpoint into its books
-        assert time.time() < deadline, _logs(cluster, "lossy")[-6000:]
-        if time.time() - polled > 5:  # the job server's record (one HTTP call, not a CLI per pass)
-            polled = time.time()
-            assert _job_state(cluster, "lossy") not in ("FAILED", "STOPPED"), _logs(cluster, "lossy")[-6000:]
-        time.sleep(0.2)
-    # the node goes at once: every call before the removal is time the run trains on towards its end
-    victim_node = next(a["node_id"] for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE")
+    submit(cluster, "elastic", "jobs/train.py", *train, options=("--no-wait",))
+    run = f"{runs}/elastic"
+    deadline = time.time() + 900
+    _, at = _wait_for(cluster, "elastic", r"step \d+/\d+ checkpoint saved", deadline)
+    # the notice, for one of the two nodes with a worker
+    victim_node = next(a["node_id"] for a in cluster.actors("RayTrainWorker", alive=True))
     victim = next(name for name, nid in cluster.node_ids.items() if nid == victim_node)
-    # what Ray had in its books at the moment of the loss (a checkpoint the workers have reported
-    # but the controller has not yet registered is not one a restart can use)
-    registered = int(_registered(run).removeprefix("step_"))
-    cluster.remove_node(victim, graceful=False)
+    cluster.ray(
+        "drain-node", "--address", cluster.address, "--node-id", victim_node,
+        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot interruption",
+        "--deadline-remaining-seconds", "15",
+    )  # fmt: skip
+    noticed = time.time()
+    drained = r"step (\d+)/\d+ checkpoint saved \(a node of this run is being drained\)"
+    at_notice, at = _wait_for(cluster, "elastic", drained, deadline, at)
+    time.sleep(max(0.0, noticed + 15 - time.time()))
+    cluster.remove_node(victim, graceful=False)  # the deadline passed: the cloud takes the node
     removed = time.time()
-    # the console's event queue is on the driver's node (the head, for a submitted job), never on a
-    # training node whose loss would take the run's progress channel, and so the run, with it
-    (queue,) = cluster.actors("_QueueActor", alive=True)
-    assert queue["node_id"] == cluster.job("lossy")["driver_node_id"] != victim_node, queue
-    resumed_at = None
-    while (state := _job_state(cluster, "lossy")) != "SUCCEEDED":
-        assert state not in ("FAILED", "STOPPED") and time.time() < deadline + 300, _logs(cluster, "lossy")[-8000:]
-        if resumed_at is None and "resuming at step" in _logs(cluster, "lossy"):
-            resumed_at = time.time()
-        time.sleep(0.5)
-    logs = _logs(cluster, "lossy", tries=10)
-    resumed_at = resumed_at or time.time()
-    reached = max((int(m) for m in re.findall(r"step (\d+)/\d+ \|", logs.split("resuming at step")[0])), default=0)
-    # the last restart is the one that ran to the end (one placed on the lost node before Ray
-    # noticed it gone fails and restarts again, from the same checkpoint or a later one)
-    resumes = re.findall(r"resuming at step (\d+) from data position (\d+) \(epoch (\d+)\)", logs)
-    assert resumes, logs[-8000:]
-    step, position = int(resumes[-1][0]), int(resumes[-1][1])
-    saved = json.loads(storage.read_bytes(f"{run}/step_{step:08d}/train_state.json"))
+    one = r"on 1 CPU worker\(s\), ZeRO-2, resuming at step (\d+)[^\n]*checkpoint read: ([\d.]+) MiB on the busiest"
+    _, at = _wait_for(cluster, "elastic", r"workers: 2 -> 1 \(workers lost and not replaced\)", deadline, at)
+    shrunk, at = _wait_for(cluster, "elastic", one, deadline, at)
+    shrunk_at = time.time()
+    # it trains on one worker, to a checkpoint of its own, before a node joins again
+    alone, at = _wait_for(cluster, "elastic", r"step (\d+)/\d+ checkpoint saved", deadline, at)
+    cluster.add_node("w3", node)
+    two = r"on 2 CPU worker\(s\), ZeRO-2, resuming at step (\d+)[^\n]*checkpoint read: ([\d.]+) MiB on the busiest"
+    _, at = _wait_for(cluster, "elastic", r"workers: 1 -> 2 \(room for more workers\)", deadline, at)
+    grown, at = _wait_for(cluster, "elastic", two, deadline, at)
+    grown_at = time.time()
+    while (state := _job_state(cluster, "elastic")) != "SUCCEEDED":
+        assert state not in ("FAILED", "STOPPED") and time.time() < deadline, _logs(cluster, "elastic")[-8000:]
+        time.sleep(1)
+    logs = _logs(cluster, "elastic", tries=10)
+    assert "resized from 2 to 1 workers: gradient accumulation 1 -> 2 keeps 8 pairs per step" in logs
+    assert "resized from 1 to 2 workers: gradient accumulation 2 -> 1 keeps 8 pairs per step" in logs
+    notice_step, shrunk_step, grown_step = int(at_notice.group(1)), int(shrunk.group(1)), int(grown.group(1))
+    assert notice_step <= shrunk_step < int(alone.group(1)) <= grown_step < steps  # nothing before the notice lost
     final = json.loads(storage.read_bytes(f"{run}/step_{steps:08d}/train_state.json"))
-    # restored from the checkpoint Ray had registered last (or a later one, registered between the
-    # snapshot read and the loss), never an older one; a loaded box can run a whole interval past
-    # the last registration (seen in CI: logs at step 14, registered 6)
-    assert step % every == 0 and registered <= step < steps, (registered, step, reached)
-    assert position == saved["data_position"] > 0
-    # the new stream began at that position and read on from it: the rows it handed out are the ones
-    # the remaining steps took plus what each worker held at the end (its 16-row shuffle buffer and
-    # at most one block, here one 64-row file), none from before it. (data_start is the first block
-    # to arrive; with decode tasks finishing out of order it can be a later one, at most one per task
-    # in flight: seen once in CI, 192 for position 128)
-    assert position <= final["data_start"] <= position + 2 * 64, final
-    remaining = (steps - step) * 8
-    assert remaining <= final["data_position"] - position <= remaining + 2 * (16 + 64), final
-    assert final["step"] == steps
-    # two workers per attempt; the last attempt's two on the nodes that were left (an attempt placed
-    # on the lost node before Ray noticed it gone adds two more that failed)
-    attempts: dict[str, list[str]] = {}
-    for actor in cluster.actors("RayTrainWorker"):
-        attempts.setdefault(actor["placement_group_id"], []).append(actor["node_id"])
-    assert len(attempts) >= 2 and all(len(nodes) == 2 for nodes in attempts.values()), attempts
-    assert any(victim_node not in nodes for nodes in attempts.values()), attempts
-    ckpt = f"{run}/step_{steps:08d}"
-    whole, model = _bytes_under(ckpt), _bytes_under(f"{ckpt}/model")
+    assert final["step"] == steps and final["world_size"] == 2
+    # every row trained once over the attempts: the checkpoints' per-step rows (64 rows an epoch)
+    import numpy as np
+
+    names = sorted(set(re.findall(r"step_\d{8}", " ".join(storage.list_files(run)))))
+    batches = [storage.read_bytes(f"{run}/{name}/data/batches.npy") for name in names]
+    trained = np.concatenate([np.load(io.BytesIO(b), allow_pickle=False) for b in batches])
+    assert sorted(set(trained[:, 0].tolist())) == list(range(1, steps + 1))
+    assert len(trained) == steps * 8 and len(np.unique(trained[:, 2])) == len(trained)
     print(
-        f"\n[multinode] a checkpoint holds {whole} bytes; evaluating it downloads its model/ folder only: "
-        f"{model} bytes ({whole / model:.1f}x less)"
-    )
-    print(
-        f"[multinode] node {victim} removed at step {reached} (registered {registered}); restored step {step} "
-        f"(lost {reached - step} steps, checkpoint every {every}); data position {position} -> resumed stream "
-        f"started at {final['data_start']}; {resumed_at - removed:.0f} s from node loss to the resumed run's first "
-        f"line, run done {time.time() - removed:.0f} s after the loss"
+        f"\n[multinode] drain notice -> checkpoint at step {notice_step}; node removed at the 15 s deadline; "
+        f"1 worker from step {shrunk_step} {shrunk_at - removed:.0f} s later (read {shrunk.group(2)} MiB of the "
+        f"checkpoint), trained to a checkpoint at {alone.group(1)}; node added, 2 workers from step {grown_step} "
+        f"{grown_at - shrunk_at:.0f} s later (the busiest rank read {grown.group(2)} MiB)"
     )

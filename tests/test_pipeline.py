@@ -1,4 +1,5 @@
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from clippy_ray.config import DataConfig, TextConfig
 from clippy_ray.data import benchmark as bm
 from clippy_ray.data.commands import convert, inspect, make_benchmark
 from clippy_ray.data.pipeline import BatchStream, build_dataset
-from clippy_ray.data.plan import DataFile, list_files, pieces
+from clippy_ray.data.plan import DataFile, RepeatedRows, TrainedRows, list_files, pieces
 from clippy_ray.data.schema import DataSchemaError, check_dataset
 
 TEXT = TextConfig(tokenizer="byte", max_length=24)
@@ -100,23 +101,63 @@ def numbered_files(folder: Path, sizes: list[int], row_group: int = 16) -> list:
     return list_files(str(folder))
 
 
+def plan_rows(files, seed: int, spans, shuffle: bool = True) -> list:
+    """(file, row, position) of every row a plan reads, in plan order."""
+    return [
+        (p.uri, r, p.base + r)
+        for p in pieces(files, seed, spans, shuffle)
+        for start, stop in p.ranges
+        for r in range(start, stop)
+    ]
+
+
 def test_a_plan_from_any_position_is_the_tail_of_the_plan_from_zero_across_epochs():
     files = [DataFile(f"f{i}", rows, rows * 100) for i, rows in enumerate([5, 3, 7, 0, 4])]  # 19 rows an epoch
-
-    def rows(start: int, count: int) -> list:
-        return [
-            (p.uri, r, p.position + r - p.start) for p in pieces(files, 1, start, count) for r in range(p.start, p.stop)
-        ]
-
-    full = rows(0, 80)
+    full = plan_rows(files, 1, [(0, 80)])
     assert [pos for *_, pos in full] == list(range(len(full)))
     epochs = [sorted((u, r) for u, r, _ in full[e * 19 : (e + 1) * 19]) for e in range(4)]
     assert all(e == epochs[0] for e in epochs)  # every epoch reads each row once...
     assert len({tuple(u for u, *_ in full[e * 19 : (e + 1) * 19]) for e in range(4)}) > 1  # ...in a new file order
     for start in range(60):
-        tail = rows(start, 80 - start)
-        assert tail[: 80 - start] == full[start:80], start
-    assert pieces(files, 1, 0, 19, shuffle=False)[0].uri == "f0"
+        assert plan_rows(files, 1, [(start, 80)]) == full[start:80], start
+    assert pieces(files, 1, [(0, 19)], shuffle=False)[0].uri == "f0"
+
+
+def test_a_plan_of_scattered_spans_reads_exactly_those_positions_one_piece_per_file_and_epoch():
+    files = [DataFile(f"f{i}", rows, rows * 100) for i, rows in enumerate([5, 3, 7, 0, 4])]
+    full = plan_rows(files, 2, [(0, 100)])
+    spans = [(1, 2), (3, 9), (12, 13), (40, 41), (57, 58), (60, 100)]  # 57: an epoch's last row
+    want = [row for row in full if any(lo <= row[2] < hi for lo, hi in spans)]
+    assert plan_rows(files, 2, spans) == want
+    plan = pieces(files, 2, spans)
+    keys = [(p.uri, p.base // 19) for p in plan]
+    assert len(keys) == len(set(keys))  # the holes of one file in one epoch are one read
+
+
+def test_trained_rows_record_each_position_once_and_the_untrained_rest_is_its_exact_complement():
+    rng = np.random.default_rng(0)
+    record = TrainedRows()
+    order = rng.permutation(5000)
+    consumed = set()
+    for chunk in np.array_split(order[:3000], 37):  # out of order, like parallel readers and buffers
+        record.add(chunk)
+        consumed.update(chunk.tolist())
+        assert record.count == len(consumed)
+        assert record.low == min(set(range(5001)) - consumed)
+    spans = record.untrained(6000)
+    untrained = [p for lo, hi in spans for p in range(lo, hi)]
+    assert len(untrained) == 6000 and untrained == sorted(untrained)
+    assert set(untrained[: 5000 - len(consumed)]) == set(range(5000)) - consumed
+    assert not consumed & set(untrained)
+    back = TrainedRows.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert (back.low, back.high, back.bits.tolist()) == (record.low, record.high, record.bits.tolist())
+    with pytest.raises(RepeatedRows, match="1 rows trained on before") as err:
+        record.add(np.array([int(order[5]), int(order[4000])]))
+    assert err.value.positions.tolist() == [int(order[5])]
+    assert record.count == len(consumed)  # refused whole: nothing was added
+    with pytest.raises(RepeatedRows):
+        record.add(np.array([int(order[4000])] * 2))
+    assert TrainedRows().untrained(10) == [(0, 10)]
 
 
 def test_a_stream_started_at_a_position_reads_only_what_comes_after_it(ray_local, tmp_path):
@@ -125,15 +166,16 @@ def test_a_stream_started_at_a_position_reads_only_what_comes_after_it(ray_local
     files = numbered_files(tmp_path / "d", [50, 30, 70, 45])
     cfg = DataConfig(block_mib=1)
 
-    def read(start: int, count: int) -> list:
-        rows = read_plan(pieces(files, 3, start, count), ["image", "caption"], cfg).iter_rows()
+    def read(spans) -> list:
+        rows = read_plan(pieces(files, 3, spans), ["image", "caption"], cfg).iter_rows()
         return sorted((int(r["position"]), r["caption"]) for r in rows)
 
-    full = read(0, 400)
+    full = read([(0, 400)])
     assert [pos for pos, _ in full] == list(range(len(full))) and len(full) >= 400
     for start in (7, 123, 333):  # in a row group, in another file, in the second epoch
-        assert read(start, 50) == full[start : start + len(read(start, 50))]
-        assert read(start, 50)[0][0] == start
+        assert read([(start, start + 50)]) == full[start : start + 50]
+    holes = [(3, 4), (9, 30), (31, 33), (198, 201), (260, 270)]  # within and across row groups and files
+    assert read(holes) == [row for row in full if any(lo <= row[0] < hi for lo, hi in holes)]
 
 
 def numbered_blocks(ray, rows: int, block_rows: int):

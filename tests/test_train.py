@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from clippy_ray import config, storage
 from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
+from clippy_ray.data.plan import TrainedRows
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.integration  # DeepSpeed engines, Ray Train runs, gloo process groups
@@ -163,10 +164,18 @@ def train_cfg(bench: Path, storage_uri: str, name: str, *overrides: str) -> conf
     )
 
 
-def optimizer_state(checkpoint_uri: str, rank: int = 0) -> dict:
-    folder = storage.fetch(storage.join(checkpoint_uri, "ds"))
-    path = next(folder.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
-    return torch.load(path, weights_only=False, map_location="cpu")["optimizer_state_dict"]["base_optimizer_state"]
+def optimizer_state(checkpoint_uri: str, rank: int = 0) -> tuple[dict, dict]:
+    """(rank `rank`'s saved pieces, the index) of a checkpoint's optimizer state."""
+    from safetensors.torch import load
+
+    index = json.loads(storage.read_bytes(f"{checkpoint_uri}/state/index.json"))
+    return load(storage.read_bytes(f"{checkpoint_uri}/state/rank{rank:05d}.safetensors")), index
+
+
+def trained_set(state: dict) -> set[int]:
+    """The data positions a train_state.json records as trained on."""
+    rows = TrainedRows.from_dict(state["rows"])
+    return set(range(rows.low)) | {rows.low + int(i) for i in np.flatnonzero(rows.bits)}
 
 
 def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_state(ray_local, bench, bucket):
@@ -212,22 +221,19 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
     assert second.metrics["step"] == 14
     state14 = json.loads(storage.fetch(f"{uri}/resume/step_00000014/train_state.json").read_text())
     state12 = json.loads(storage.fetch(f"{ckpt12}/train_state.json").read_text())
-    # the data position continues: 12 steps of 16 pairs handed out at least 192 rows (the rows a
-    # worker had pulled but not yet batched count too: at most one block each, here one 40-row
-    # file); the second invocation's stream started exactly there, and 2 more steps moved it by
-    # 32 rows give or take a block per worker
-    assert 192 <= state12["data_position"] <= 192 + 2 * 40 and state12["epoch"] == 1  # 160 rows an epoch
-    # (the first row it handed out; with decode tasks finishing out of order the first block to
-    # arrive can be a later one: at most one per task in flight, 2 here; 2 blocks late seen once)
-    assert state12["data_position"] <= second.metrics["data_start"] <= state12["data_position"] + 2 * 40
-    assert 0 <= state14["data_position"] - state12["data_position"] <= 32 + 2 * 40
+    # exactly the rows trained: 12 steps of 16 pairs, then 2 more, none of them twice (the benchmark
+    # has no bad rows), over an epoch boundary (160 rows an epoch)
+    assert len(trained_set(state12)) == state12["rows_consumed"] == 12 * 16 and state12["epoch"] in (0, 1)
+    assert trained_set(state12) < trained_set(state14) and len(trained_set(state14)) == 14 * 16
+    assert max(trained_set(state12)) >= 160
     # the optimizer state was restored, not restarted: Adam's step count is 14, not 2, and the second
     # moment keeps at least beta2**2 of its step-12 value everywhere (a fresh one would not)
-    before, after = optimizer_state(ckpt12)["state"][0], optimizer_state(f"{uri}/resume/step_00000014")["state"][0]
-    assert int(before["step"]) == 12 and int(after["step"]) == 14
+    (before, index12), (after, index14) = optimizer_state(ckpt12), optimizer_state(f"{uri}/resume/step_00000014")
+    assert index12["group_steps"] == {"0": 12.0, "1": 12.0} and index14["group_steps"] == {"0": 14.0, "1": 14.0}
     beta2 = config.TrainConfig().betas[1]
-    assert torch.all(after["exp_avg_sq"] >= before["exp_avg_sq"] * beta2**2 * (1 - 1e-5))
-    assert not torch.equal(after["exp_avg_sq"], before["exp_avg_sq"])
+    moments = [k for k in before if k.startswith("exp_avg_sq/")]
+    assert moments and all(torch.all(after[k] >= before[k] * beta2**2 * (1 - 1e-5)) for k in moments)
+    assert not all(torch.equal(after[k], before[k]) for k in moments)
 
 
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (3, "bf16")])
@@ -277,34 +283,87 @@ def _train_workers() -> list[psutil.Process]:
     return found
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_completes(ray_local, bench, tmp_path):
+def many_files(folder: Path, files: int, rows: int, row_group: int) -> Path:
+    """`files` parquet files of `rows` small PNG images each (row groups of `row_group`), captions
+    naming the file and row: data shaped like a real run's, read by several tasks out of order."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for f in range(files):
+        images = []
+        for _ in range(rows):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+            images.append(buf.getvalue())
+        table = pa.table({"image": images, "caption": [f"file {f} row {r}" for r in range(rows)]})
+        pq.write_table(table, folder / f"part-{f:03d}.parquet", row_group_size=row_group)
+    return folder
+
+
+def batches_trained(run: Path) -> np.ndarray:
+    """(step, rank, position) of every row the run's checkpoints record as trained (record_batches)."""
+    return np.concatenate([np.load(p / "data" / "batches.npy", allow_pickle=False) for p in sorted(run.glob("step_*"))])
+
+
+def test_a_worker_killed_mid_epoch_resumes_and_every_row_is_trained_exactly_once(ray_local, bench, tmp_path):
+    """8 files of 1,500 rows read by 4 tasks at once, 2 workers with shuffle buffers; a worker killed
+    at a random step after the first checkpoint; the run restarts and finishes. Every data position
+    the run trained on (recorded per step in the checkpoints) was trained once, and the checkpoint's
+    record of them is exact."""
     from clippy_ray.train.trainer import fit
 
+    data = many_files(tmp_path / "data", files=8, rows=1500, row_group=300)
+    steps, pairs, every = 40, 64, 10
     cfg = train_cfg(
         bench,
         str(tmp_path),
         "kill",
-        "train.steps=10",
-        "train.checkpoint_every=3",
-        "train.log_every=1",
+        f"data.train={data}",
+        "data.read_tasks=4",
+        "data.block_mib=1",
+        "data.decode_batch_size=64",
+        "data.shuffle_buffer=128",
+        f"train.global_batch_size={pairs}",
+        f"train.steps={steps}",
+        f"train.checkpoint_every={every}",
+        "train.keep_checkpoints=100",
+        "train.log_every=5",
         "train.max_failures=1",
         "train.zero_stage=2",
+        "train.record_batches=true",
+        "data.val=null",
     )
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(r=fit(cfg)), daemon=True)
     thread.start()
     deadline = time.time() + 300
-    while not (tmp_path / "kill" / "step_00000003").exists():
+    while not (tmp_path / "kill" / f"step_{every:08d}" / "train_state.json").exists():
         assert time.time() < deadline and thread.is_alive(), "no first checkpoint"
-        time.sleep(0.5)
+        time.sleep(0.2)
+    time.sleep(np.random.default_rng().uniform(0, 3))  # a random step after it
     victims = _train_workers()
     assert len(victims) == 2
     victims[0].send_signal(signal.SIGKILL)
     thread.join(timeout=600)
     assert not thread.is_alive()
-    assert result["r"].metrics["step"] == 10
-    states = sorted(p.name for p in (tmp_path / "kill").glob("step_*"))
-    assert states[-1] == "step_00000010"
+    assert result["r"].metrics["step"] == steps
+    run = tmp_path / "kill"
+    trained = batches_trained(run)
+    positions = trained[:, 2]
+    # every step trained its global batch, and no row twice (8 x 1,500 rows: one epoch, no bad rows)
+    assert sorted(set(trained[:, 0].tolist())) == list(range(1, steps + 1))
+    assert len(positions) == steps * pairs and len(np.unique(positions)) == len(positions)
+    # the checkpoints' record is exactly those rows, and it is no prefix of the data positions: the
+    # readers and buffers hand rows out of order (a watermark alone would skip or repeat rows)
+    final = json.loads((run / f"step_{steps:08d}" / "train_state.json").read_text())
+    assert trained_set(final) == set(positions.tolist())
+    first = json.loads((run / f"step_{every:08d}" / "train_state.json").read_text())
+    assert first["rows_consumed"] > first["data_position"]
 
 
 def test_from_starts_a_new_run_with_the_weights_or_the_full_state_of_a_checkpoint(ray_local, bench, tmp_path):
@@ -329,7 +388,7 @@ def test_from_starts_a_new_run_with_the_weights_or_the_full_state_of_a_checkpoin
 
     assert weights.metrics["step"] == 1 and full.metrics["step"] == 3  # full state continues at step 2
     adam_step = {
-        name: int(optimizer_state(res.checkpoint.path)["state"][0]["step"])
+        name: int(optimizer_state(res.checkpoint.path)[1]["group_steps"]["0"])
         for name, res in (("weights", weights), ("full", full))
     }
     assert adam_step == {"weights": 1, "full": 3}

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -31,12 +31,31 @@ from clippy_ray.data.transforms import load_image
 from clippy_ray.errors import InputError
 
 
+def _row_group_runs(meta, ranges: list[tuple[int, int]]) -> list[tuple[list[int], int]]:
+    """The row groups holding any row of `ranges`, as runs of consecutive groups: [(groups, the
+    first row of the run)]."""
+    runs: list[tuple[list[int], int]] = []
+    row, k = 0, 0
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        while k < len(ranges) and ranges[k][1] <= row:
+            k += 1
+        if k < len(ranges) and ranges[k][0] < row + n:
+            if runs and runs[-1][0][-1] == g - 1:
+                runs[-1][0].append(g)
+            else:
+                runs.append(([g], row))
+        row += n
+    return runs
+
+
 def _read_pieces(batch: dict, columns: list[str], block_bytes: int) -> Iterator[pa.Table]:
-    """One map_batches call per piece (rows [start, stop) of a file): those rows in blocks of
-    about `block_bytes` encoded, with a `position` column (each row's data position). Row groups
-    before `start` are not read."""
-    for uri, start, stop, position in zip(batch["uri"], batch["start"], batch["stop"], batch["position"]):
-        start, stop, position = int(start), int(stop), int(position)
+    """One map_batches call per piece (row ranges of one file): those rows in blocks of about
+    `block_bytes` encoded, with a `position` column (each row's data position). Row groups that
+    hold none of them are not read."""
+    for uri, ranges, base in zip(batch["uri"], batch["ranges"], batch["base"]):
+        ranges, base = [tuple(r) for r in json.loads(ranges)], int(base)
+        bounds = np.array(ranges, np.int64).reshape(-1, 2)
         fs, path = storage.resolve(uri)
         try:
             with fs.open_input_file(path) as handle:
@@ -45,25 +64,22 @@ def _read_pieces(batch: dict, columns: list[str], block_bytes: int) -> Iterator[
                 missing = [c for c in columns if c not in parquet.schema_arrow.names]
                 if missing:
                     raise InputError(f"{uri}: no column {missing[0]!r}; every file of the dataset needs {columns}")
-                groups, row, first = [], 0, 0  # the row groups holding [start, stop); `first`: their first row
-                for g in range(meta.num_row_groups):
-                    n = meta.row_group(g).num_rows
-                    if row < stop and row + n > start:
-                        first = first if groups else row
-                        groups.append(g)
-                    row += n
-                skip, left = start - first, stop - start
                 block_rows = max(1, int(block_bytes * meta.num_rows / max(handle.size(), 1)))
-                for record_batch in parquet.iter_batches(batch_size=block_rows, row_groups=groups, columns=columns):
-                    cut = min(skip, record_batch.num_rows)
-                    table = pa.Table.from_batches([record_batch]).slice(cut, left)
-                    skip -= cut
-                    if table.num_rows:
-                        yield table.append_column("position", pa.array(np.arange(position, position + table.num_rows)))
-                        position += table.num_rows
-                        left -= table.num_rows
-                    if left == 0:
-                        break
+                for groups, row in _row_group_runs(meta, ranges):
+                    for record_batch in parquet.iter_batches(batch_size=block_rows, row_groups=groups, columns=columns):
+                        rows = np.arange(row, row + record_batch.num_rows)
+                        row += record_batch.num_rows
+                        # the rows of this batch inside a range: ranges are sorted and disjoint
+                        at = np.searchsorted(bounds[:, 0], rows, side="right") - 1
+                        keep = np.flatnonzero((at >= 0) & (rows < bounds[np.maximum(at, 0), 1]))
+                        if not len(keep):
+                            continue
+                        table = pa.Table.from_batches([record_batch])
+                        if len(keep) < len(rows):
+                            table = table.take(pa.array(keep))
+                        yield table.append_column("position", pa.array(base + rows[keep]))
+                        if rows[-1] + 1 >= bounds[-1, 1]:
+                            break
         except OSError as err:
             raise storage.describe(uri, err) from None
 
@@ -71,7 +87,7 @@ def _read_pieces(batch: dict, columns: list[str], block_bytes: int) -> Iterator[
 def read_plan(plan: list[Piece], columns: list[str], cfg: DataConfig) -> ray.data.Dataset:
     """The rows of `plan` (pieces of parquet files), in plan order up to Ray's task concurrency,
     each with its `position`."""
-    items = [asdict(p) for p in plan]
+    items = [{"uri": p.uri, "ranges": json.dumps(p.ranges), "base": p.base} for p in plan]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
     # Capped: at 0.1 CPU a read task would otherwise run 10 to a core, each a process of its own.
     tasks = cfg.read_tasks or max(2, int(ray.cluster_resources().get("CPU", 0)) // 16)
@@ -136,17 +152,18 @@ def build_dataset(
     text_cfg: TextConfig,
     image_size: int,
     train: bool,
-    start: int = 0,
     rows: int | None = None,
     files: list[DataFile] | None = None,
+    spans: list[tuple[int, int]] | None = None,
 ) -> ray.data.Dataset:
-    """The stream the training loop consumes: `rows` rows (default: one epoch) from data position
-    `start` on, one output row per input row (bad ones flagged), each with its `position`. In
-    training each epoch reads the files in a new seeded order; otherwise in sorted order, so
-    `rows` always selects the same rows."""
+    """The stream the training loop consumes: the data positions in `spans` (default: the first
+    `rows` rows, default one epoch), one output row per input row (bad ones flagged), each with its
+    `position`. In training each epoch reads the files in a new seeded order; otherwise in sorted
+    order, so `rows` always selects the same rows."""
     files = files if files is not None else list_files(uri)
-    per_epoch = sum(f.rows for f in files)
-    plan = pieces(files, data_cfg.seed, start, per_epoch if rows is None else rows, shuffle=train)
+    if spans is None:
+        spans = [(0, sum(f.rows for f in files) if rows is None else rows)]
+    plan = pieces(files, data_cfg.seed, spans, shuffle=train)
     ds = read_plan(plan, [data_cfg.image_column, data_cfg.caption_column], data_cfg)
     # Set on this dataset's own context (the datasets derived from it, including what Ray Train
     # streams, inherit it; the process-wide DataContext is left alone).
@@ -182,7 +199,9 @@ def build_dataset(
 
 class BatchStream:
     """Exactly `batch_size` valid rows per batch from a Dataset or a worker's DataIterator shard;
-    counts the rows it skipped (flagged bad) and the tail it dropped at the end of each epoch.
+    counts the rows it skipped (flagged bad) and the tail it dropped at the end of each epoch, and
+    keeps the data positions it has consumed (those of the rows it handed out in batches and of
+    the bad rows it skipped) until `take_consumed` collects them.
 
     Rows are buffered as references into the decoded blocks as Ray delivers them (zero-copy views
     of the object store). With `shuffle_buffer > 0` a batch is drawn once the buffer holds
@@ -206,7 +225,7 @@ class BatchStream:
         self.rows_seen = 0
         self.rows_skipped = 0
         self.rows_dropped = 0
-        self.first_position: int | None = None  # the lowest data position among the rows seen
+        self._consumed: list[np.ndarray] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -223,10 +242,9 @@ class BatchStream:
         fill = self.shuffle_buffer + self.batch_size
         for block in self.source.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             valid = block.pop("valid")
-            if "position" in block and len(valid):
-                low = int(block["position"].min())
-                self.first_position = low if self.first_position is None else min(self.first_position, low)
             keep = np.flatnonzero(valid)
+            if "position" in block and len(keep) < len(valid):
+                self._consumed.append(block["position"][valid == 0].astype(np.int64))
             self.rows_seen += len(valid)
             self.rows_skipped += len(valid) - len(keep)
             if len(keep):
@@ -266,7 +284,10 @@ class BatchStream:
         else:
             picked = slots[: self.batch_size]
             del slots[: self.batch_size]
-        return {k: torch.from_numpy(v) for k, v in self._gather(picked).items()}
+        batch = self._gather(picked)
+        if "position" in batch:
+            self._consumed.append(batch["position"].copy())
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
 
     def _gather(self, picked: list[tuple[int, int]]) -> dict[str, np.ndarray]:
         """Copy `picked` rows into new arrays, releasing each block whose last buffered row it was.
@@ -281,6 +302,12 @@ class BatchStream:
             if entry[1] == 0:
                 self._pinned -= entry[2]
                 del self._blocks[key]
+        return out
+
+    def take_consumed(self) -> np.ndarray:
+        """The data positions consumed since the last call (int64, in the order consumed)."""
+        out = np.concatenate(self._consumed) if self._consumed else np.zeros(0, np.int64)
+        self._consumed = []
         return out
 
     def counters(self) -> dict[str, int]:

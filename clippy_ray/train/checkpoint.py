@@ -1,10 +1,13 @@
-"""The DeepSpeed side of a training checkpoint: the shards that resume uses live in
-`<checkpoint>/ds/`; the handoff model beside them (`<checkpoint>/model/`) is written with
-`clippy_ray.model.handoff`.
+"""The tensors of a training checkpoint: the optimizer side that resume reads lives in
+`<checkpoint>/state/` (safetensors pieces of every rank's partition, `clippy_ray.train.shards`,
+readable on any number of workers); the handoff model beside it (`<checkpoint>/model/`) is
+written with `clippy_ray.model.handoff`.
 
-The shards are pickles. They are read without running code: `torch.load(weights_only=True)` with
-exactly the DeepSpeed classes its own checkpoints hold (`DEEPSPEED_GLOBALS`), through DeepSpeed's
-checkpoint engine (`load_shards`), and checked on the driver before a run starts (`check_init`).
+Checkpoints of older versions hold DeepSpeed's own shards in `<checkpoint>/ds/` instead: pickles,
+which resume on the number of workers that wrote them. They are read without running code:
+`torch.load(weights_only=True)` with exactly the DeepSpeed classes its own checkpoints hold
+(`DEEPSPEED_GLOBALS`), through DeepSpeed's checkpoint engine (`load_shards`), and checked on the
+driver before a run starts (`check_init`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from clippy_ray import safeload, storage
 from clippy_ray.errors import InputError
 from clippy_ray.model.handoff import find_handoff
+from clippy_ray.train.shards import INDEX
 
 DEEPSPEED_TAG = "ds"
 # The non-tensor objects in the shards ZeRO 0-3 write in fp32 and bf16 (AdamW and LAMB), found
@@ -83,20 +87,42 @@ def load_shards(engine, folder: str, source: str) -> dict | None:
     return client
 
 
+def legacy_shards(uri: str) -> list[str]:
+    """The DeepSpeed shard files (`ds/*.pt`) of a checkpoint written in the older format."""
+    shards = storage.join(uri, DEEPSPEED_TAG)
+    return [f for f in storage.list_files(shards) if f.endswith(".pt")] if storage.exists(shards) else []
+
+
+def download_legacy(uri: str, folder: str) -> int:
+    """Copy an older checkpoint's DeepSpeed shards (`ds/`, every rank's) into `folder/ds/`; returns
+    the bytes copied."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(storage.join(uri, DEEPSPEED_TAG))
+    target = os.path.join(folder, DEEPSPEED_TAG)
+    try:
+        pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except OSError as err:
+        raise storage.describe(storage.join(uri, DEEPSPEED_TAG), err) from None
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(target) for f in files)
+
+
 def check_init(uri: str, mode: str) -> None:
     """Driver side, before any Ray work: `--from URI` can seed a run in `mode`. weights: a handoff
-    with a safetensors file (no DeepSpeed shard is read); full: DeepSpeed shards that name nothing
-    beyond DEEPSPEED_GLOBALS (their pickle records are read, not their tensors)."""
+    with a safetensors file (no optimizer state is read); full: the optimizer state's index, or
+    (older checkpoints) DeepSpeed shards that name nothing beyond DEEPSPEED_GLOBALS (their pickle
+    records are read, not their tensors)."""
     storage.require(uri, "--from")
     if mode == "weights":
         find_handoff(uri, "--from")
         return
-    shards = storage.join(uri, DEEPSPEED_TAG)
-    files = [f for f in storage.list_files(shards) if f.endswith(".pt")] if storage.exists(shards) else []
+    if storage.exists(storage.join(uri, INDEX)):
+        return  # safetensors and JSON only: nothing in it can run code
+    files = legacy_shards(uri)
     if not any(f.endswith("model_states.pt") for f in files):
         raise InputError(
-            f"--from={uri}: no DeepSpeed shards in {DEEPSPEED_TAG}/ (*model_states.pt); --from-mode full needs "
-            "a training checkpoint (<run>/step_XXXXXXXX); for a handoff folder use --from-mode weights"
+            f"--from={uri}: no optimizer state ({INDEX}, or DeepSpeed shards in {DEEPSPEED_TAG}/); --from-mode full "
+            "needs a training checkpoint (<run>/step_XXXXXXXX); for a handoff folder use --from-mode weights"
         )
     for f in files:
         safeload.check_torch_file(f, _FIX, DEEPSPEED_GLOBALS)

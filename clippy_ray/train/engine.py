@@ -209,8 +209,12 @@ def lamb_pieces(engine) -> dict[int, list[tuple[int, int, int]]]:
         if not param.requires_grad:
             continue
         if stage == 3:
-            group, start, numel = optimizer.grad_position[optimizer.get_param_id(param)]
-            pieces[optimizer.fp32_partitioned_groups_flat[group].data_ptr()].append((index, start, numel))
+            group, start, part = optimizer.grad_position[optimizer.get_param_id(param)]
+            # the partition's tail past the parameter's end is padding, uninitialised memory that
+            # must not enter the norms (DeepSpeed allocates ds_tensor with torch.empty)
+            numel = max(0, min(part, param.ds_numel - optimizer._get_param_partition_rank(param) * part))
+            if numel:
+                pieces[optimizer.fp32_partitioned_groups_flat[group].data_ptr()].append((index, start, numel))
             continue
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:

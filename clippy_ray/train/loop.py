@@ -7,37 +7,32 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from clippy_ray import config, precision
+from clippy_ray import config, precision, storage
 from clippy_ray.console import emitter
 from clippy_ray.data.pipeline import BatchStream
-from clippy_ray.data.plan import epoch_of
+from clippy_ray.data.plan import RepeatedRows
 from clippy_ray.data.transforms import normalize
 from clippy_ray.loss import ContrastiveLoss, blockwise_loss, gather_with_grad
 from clippy_ray.model import build_model
 from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff, load_weights
 from clippy_ray.tokenizer import build_tokenizer
-from clippy_ray.train import optim
-from clippy_ray.train.checkpoint import DEEPSPEED_TAG, full_state_dict, load_shards
+from clippy_ray.train import optim, shards
+from clippy_ray.train.checkpoint import download_legacy, full_state_dict, load_shards
 from clippy_ray.train.engine import build_engine
 from clippy_ray.train.progress import Progress
-from clippy_ray.train.trainer import checkpoint_uri
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint records besides the weights. `data_position`: the rows the training stream
-    had handed to all workers when it was taken (`clippy_ray.data.plan`); the next attempt's stream
-    starts there. Rows still in the workers' shuffle buffers then are not trained on; rows the
-    stream had read ahead of them are not counted, so they are read again."""
-
-    step: int = 0  # optimizer steps done
-    data_position: int = 0
-    epoch: int = 0  # the epoch data_position falls in (for people: each epoch reads every row once)
+from clippy_ray.train.state import (
+    BATCHES_FILE,
+    STATE_FILE,
+    TrainState,
+    checkpoint_uri,
+    require_train_state,
+    saved_precision,
+)
 
 
 def _all_true(flag: bool, device: torch.device) -> bool:
@@ -54,16 +49,6 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device, total: tupl
     dist.all_reduce(t)
     world = dist.get_world_size()
     return {k: (v if k in total else v / world) for k, v in zip(names, t.tolist())}
-
-
-def _first(stream: BatchStream) -> float:
-    return float("inf") if stream.first_position is None else float(stream.first_position)
-
-
-def _min_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t.item()
 
 
 def _next_batch(iterator, device):
@@ -103,7 +88,7 @@ def validate(engine, shard, cfg: config.Config, dtype: torch.dtype) -> dict[str,
     it = iter(stream.epoch(0))
     images, texts = [], []
     with torch.no_grad():
-        for _ in range(cfg.train.val_batches):
+        while True:  # the whole shard: the subset is the same on any number of workers
             ok, batch = _next_batch(it, engine.device)
             if not ok:
                 break
@@ -126,74 +111,112 @@ def validate(engine, shard, cfg: config.Config, dtype: torch.dtype) -> dict[str,
 
 
 def save_checkpoint(
-    engine, model, state: TrainState, cfg: config.Config, tokenizer, metrics: dict, layout: str
+    engine, model, state: TrainState, cfg: config.Config, tokenizer, metrics: dict, record: dict, batches=None
 ) -> None:
-    """DeepSpeed shards from every rank + the handoff export from rank 0, reported as one
+    """Every rank's optimizer pieces (`shards`) + the handoff export and train_state.json from rank
+    0 (and `batches`, the rows each step trained on, with train.record_batches), reported as one
     checkpoint. Ray registers it only once every rank's part is stored: complete or absent."""
     import ray.train
 
     rank = dist.get_rank()
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, client_state={"train_state": asdict(state)})
+    with tempfile.TemporaryDirectory(prefix="clippy-ray-checkpoint-") as tmp:
+        shards.save(engine, tmp)
         weights = full_state_dict(engine)  # collective under ZeRO-3
         if rank == 0:
             export_handoff(model, weights, cfg, tokenizer, os.path.join(tmp, HANDOFF_DIR))
-            with open(os.path.join(tmp, "train_state.json"), "w") as f:
-                json.dump({**asdict(state), **metrics, "precision": cfg.train.precision, "param_layout": layout}, f)
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump({**record, **metrics, **state.to_dict(record["rows_per_epoch"])}, f)
+            if batches is not None:
+                os.makedirs(os.path.join(tmp, "data"))
+                np.save(os.path.join(tmp, BATCHES_FILE), batches, allow_pickle=False)
         ray.train.report(
-            {**metrics, **asdict(state)},  # data_position: what trainer.resume_point reads back
+            {**metrics, "step": state.step, "data_position": state.data_position},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"step_{state.step:08d}",
         )
 
 
-def restore(engine, checkpoint_dir: str, source: str) -> TrainState:
-    """Resume the full state (weights, optimizer, schedule, data position) from a checkpoint folder's
-    DeepSpeed shards, read without running pickled code; `source` (its URI) names a bad shard."""
-    client = load_shards(engine, checkpoint_dir, source)
-    saved = (client or {}).get("train_state") or {}
-    return TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+def restore(engine, uri: str, saved: dict) -> int:
+    """Weights, optimizer state, schedule and counters from the checkpoint at `uri` (its
+    train_state.json: `saved`), on any number of workers; returns the bytes this rank read. Each
+    rank reads only the pieces its partition needs; an older checkpoint's DeepSpeed shards (`ds/`)
+    are read whole, without running pickled code."""
+    if storage.exists(storage.join(uri, shards.INDEX)):
+        return shards.load(engine, uri)
+    with tempfile.TemporaryDirectory(prefix="clippy-ray-restore-") as folder:
+        read = download_legacy(uri, folder)
+        load_shards(engine, folder, uri)
+    return read
 
 
-def saved_train_state(uri: str) -> dict | None:
-    """A checkpoint's train_state.json (None where it cannot be read)."""
-    from clippy_ray import storage
-
-    try:
-        return json.loads(storage.read_bytes(storage.join(uri, "train_state.json")))
-    except (OSError, ValueError, storage.StorageError):
-        return None
+def _gather(mine: np.ndarray) -> np.ndarray | None:
+    """Every rank's array concatenated, on rank 0 (None elsewhere)."""
+    every = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, every, dst=0)
+    return np.concatenate(every) if every is not None else None
 
 
-def saved_precision(train_state: dict | None) -> str | None:
-    """The precision (bf16 / fp32) a checkpoint was trained in, from its train_state.json; None for
-    a checkpoint that does not record it."""
-    saved = (train_state or {}).get("precision")
-    return saved if saved in ("bf16", "fp32") else None
+def _resume_lines(state: TrainState, saved: dict, world: int, bytes_read: int, rows_per_epoch: int, device) -> tuple:
+    """(what the attempt restored, how it was resized) for the console; collective (bytes per rank)."""
+    read = torch.tensor([bytes_read, bytes_read], dtype=torch.float64, device=device)
+    top, total = read.clone(), read.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    dist.all_reduce(total)
+    beyond = state.rows.count - state.data_position
+    resumed = (
+        f"resuming at step {state.step} from data position {state.data_position} (epoch "
+        f"{state.epoch(rows_per_epoch)}){f', {beyond} rows beyond it trained' if beyond else ''}; checkpoint "
+        f"read: {top[0].item() / 2**20:.1f} MiB on the busiest rank, {total[0].item() / 2**20:.1f} MiB in all"
+    )
+    before = saved.get("world_size")
+    resized = ""
+    if before and before != world:
+        resized = (
+            f"resized from {before} to {world} workers: gradient accumulation {saved.get('grad_accum_steps', '?')} "
+            f"-> {saved['grad_accum_steps_now']} keeps {saved.get('global_batch_size', '?')} pairs per step"
+        )
+    return resumed, resized
+
+
+def _check_untrained(state: TrainState, batch: dict, source: str | None) -> None:
+    """Stop, with the reason, if the stream hands out a row the restored state has trained on: it
+    was built for another state than the one the workers restored."""
+    positions = batch["position"].numpy()
+    seen = state.rows.contains(positions)
+    if seen.any():
+        err = RepeatedRows(positions[seen])
+        raise RuntimeError(
+            f"{err}; the training stream does not start where the restored checkpoint "
+            f"({source or 'none: a new run'}) says the run is. Nothing was trained on them again; report this "
+            "with the run's logs"
+        ) from None
 
 
 def train_loop(loop_config: dict) -> None:
     import ray.train
 
-    from clippy_ray import storage
-
     cfg = config.from_dict(loop_config["config"])
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # On fewer workers than max (elastic), the accumulation takes up the difference: the same
+    # micro-batch per worker and the same global batch.
+    cfg.train.grad_accum_steps, cfg.train.num_workers = cfg.train.grad_accum_at(world), world
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
 
     # Build (precision first: the DeepSpeed config and the handoff's config record the resolved one).
     # A restarted attempt keeps the precision its checkpoint was trained in: `auto` decided again
-    # (a matmul race, on a loaded machine) can pick the other one, whose shards do not load.
+    # (a matmul race, on a loaded machine) can pick the other one.
     checkpoint, init_from = ray.train.get_checkpoint(), loop_config.get("init_from")
     from_weights = checkpoint is None and init_from and loop_config.get("init_mode", "weights") == "weights"
-    # the checkpoint whose full state this attempt resumes: this run's latest, else --from in full mode
+    # the checkpoint whose full state this attempt resumes: this run's latest (the one the dataset
+    # factory built the stream for), else --from in full mode
     resumed = None
     if checkpoint is not None:
         resumed = checkpoint_uri(cfg, checkpoint)
     elif init_from and not from_weights:
         resumed = init_from
-    saved = saved_train_state(resumed) if resumed else None
+    saved = require_train_state(resumed) if resumed else {}
     requested = cfg.train.precision
     if requested == "auto" and checkpoint is not None:
         requested = saved_precision(saved) or requested
@@ -205,30 +228,35 @@ def train_loop(loop_config: dict) -> None:
     model = build_model(cfg.model, tokenizer.vocab_size)
     if from_weights:  # the handoff's safetensors, before DeepSpeed copies the weights; no shard is read
         load_weights(model, init_from)
-    # a resumed optimizer state loads only into the parameter order it was saved in
-    order = optim.resume_order(model, saved, resumed) if resumed else optim.aligned_order
+    # an older checkpoint's optimizer state loads only into the parameter order it was saved in
+    legacy = resumed and not storage.exists(storage.join(resumed, shards.INDEX))
+    order = optim.resume_order(model, saved, resumed) if legacy else optim.aligned_order
     layout = optim.layout(model, order)
     engine = build_engine(model, cfg.train, order)
     dtype = choice.dtype
     loss_fn = ContrastiveLoss(loss_dtype, cfg.loss.chunk_size)
+    rows_per_epoch = loop_config.get("rows_per_epoch") or 0
+    record = {  # what train_state.json records besides the progress
+        "precision": cfg.train.precision,
+        "param_layout": layout,
+        "optimizer": cfg.train.optimizer,
+        "zero_stage": cfg.train.zero_stage,
+        "world_size": world,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "global_batch_size": cfg.train.global_batch_size,
+        "rows_per_epoch": rows_per_epoch,
+    }
 
     # Restore: this run's latest checkpoint, else the full state of the one given with --from
-    state = TrainState()
-    if checkpoint is not None:
-        source = checkpoint_uri(cfg, checkpoint)
-        # A folder of this process's own: Ray's as_directory() shares one temporary folder per
-        # checkpoint between the processes of a machine and deletes it when one of them is done,
-        # which can pull the shards from under a rank still reading them (seen on a node loss).
-        with tempfile.TemporaryDirectory(prefix="clippy-ray-restore-") as folder:
-            checkpoint.to_directory(folder)
-            state = restore(engine, folder, source)
-    elif init_from and not from_weights:
-        state = restore(engine, str(storage.fetch(init_from)), init_from)
+    state, bytes_read = TrainState(), 0
+    if resumed:
+        bytes_read = restore(engine, resumed, saved)
+        state = TrainState.from_dict(saved)
     if state.step >= cfg.train.steps:
         return
 
-    # Loop: one pass over a stream that starts at the restored data position (the dataset factory,
-    # trainer.TrainStream, built it from the same checkpoint) and covers every remaining step
+    # Loop: one pass over a stream that holds exactly the rows the restored state has not trained
+    # on (the dataset factory, trainer.TrainStream, built it from the same checkpoint)
     stream = BatchStream(
         ray.train.get_dataset_shard("train"),
         cfg.train.micro_batch_size,
@@ -236,14 +264,17 @@ def train_loop(loop_config: dict) -> None:
         seed=cfg.data.seed * 1_000_003 + rank,
     )
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
-    rows_per_epoch = loop_config.get("rows_per_epoch") or 0
     progress = Progress(cfg, enabled=rank == 0, emit=emitter(loop_config.get("events")), start_step=state.step)
-    epoch = epoch_of(state.data_position, rows_per_epoch)
-    progress.start("GPU" if device.type == "cuda" else "CPU", choice.reason, state.data_position, epoch)
+    resumed_line, resized_line = "", ""
+    if resumed:
+        saved["grad_accum_steps_now"] = cfg.train.grad_accum_steps
+        resumed_line, resized_line = _resume_lines(state, saved, world, bytes_read, rows_per_epoch, device)
+    progress.start("GPU" if device.type == "cuda" else "CPU", choice.reason, resumed_line, resized_line)
     accum, micro = cfg.train.grad_accum_steps, 0
     window = {"loss": 0.0, "n": 0}
-    start = state.data_position
-    batches = iter(stream.epoch(start))
+    batches = iter(stream.epoch(state.data_position))
+    preempted = False
+    trained: list[np.ndarray] = []  # train.record_batches: this rank's rows since the last checkpoint
     while state.step < cfg.train.steps:
         wait_start = time.perf_counter()
         ok, batch = _next_batch(batches, device)
@@ -253,6 +284,12 @@ def train_loop(loop_config: dict) -> None:
                 f"data.train={cfg.data.train}: the stream ended at step {state.step} of {cfg.train.steps} after "
                 f"{counts['rows_seen']:.0f} rows ({counts['rows_skipped']:.0f} bad rows skipped); check the data "
                 "with `clippy-ray data inspect`"
+            )
+        _check_untrained(state, batch, resumed)
+        if cfg.train.record_batches:  # (step, rank, position) of each row, in training order
+            positions = batch["position"].numpy()
+            trained.append(
+                np.stack([np.full_like(positions, state.step + 1), np.full_like(positions, rank), positions], 1)
             )
         progress.data_wait(time.perf_counter() - wait_start)
         img, txt, scale = engine(*_inputs(batch, device, dtype))
@@ -265,30 +302,37 @@ def train_loop(loop_config: dict) -> None:
         if micro % accum:
             continue
         state.step += 1
-        progress.step_done(len(batch["image"]) * accum * dist.get_world_size())
+        progress.step_done(len(batch["image"]) * accum * world)
         metrics = {}
         last = state.step == cfg.train.steps
-        checkpoint = state.step % cfg.train.checkpoint_every == 0 or last
-        if state.step % cfg.train.log_every == 0 or last or checkpoint:
+        logging = state.step % cfg.train.log_every == 0 or last
+        why = "" if state.step % cfg.train.checkpoint_every == 0 or last else None
+        if logging and not preempted and ray.train.get_preemption_info() is not None:  # collective
+            preempted, why = True, why if why is not None else "a node of this run is being drained"
+        if logging:
             counts = _mean_over_ranks(
                 {"loss": float(window["loss"]) / max(window["n"], 1), **stream.counters()},
                 device,
                 total=("rows_seen", "rows_skipped", "rows_dropped"),
             )
-            state.data_position = start + int(counts.pop("rows_seen"))
-            state.epoch = epoch_of(state.data_position, rows_per_epoch)
-            data_start = _min_over_ranks(_first(stream), device)
-            if state.step % cfg.train.log_every == 0 or last:
-                metrics = {**counts, "rows_seen": state.data_position - start, "data_start": data_start}
-                metrics.update(temperature=1.0 / scale.float().item(), lr=engine.get_lr()[0], **progress.rates())
-                window = {"loss": 0.0, "n": 0}
+            metrics = {**counts, "temperature": 1.0 / scale.float().item(), "lr": engine.get_lr()[0]}
+            metrics.update(progress.rates())
+            window = {"loss": 0.0, "n": 0}
         if val_shard is not None and (last or (cfg.train.val_every and state.step % cfg.train.val_every == 0)):
             metrics.update(validate(engine, val_shard, cfg, dtype))
+        audit = None
+        if why is not None:
+            consumed = _gather(stream.take_consumed())
+            if consumed is not None:
+                state.rows.add(consumed)  # RepeatedRows if a row had been trained on already
+            if cfg.train.record_batches:
+                audit = _gather(np.concatenate(trained) if trained else np.zeros((0, 3), np.int64))
+                trained = []
         if metrics:
             progress.log(state.step, metrics)
-        if checkpoint:
-            save_checkpoint(engine, model, state, cfg, tokenizer, metrics, layout)
-            progress.checkpoint(state.step)
+        if why is not None:
+            save_checkpoint(engine, model, state, cfg, tokenizer, metrics, record, audit)
+            progress.checkpoint(state.step, why)
         elif metrics:
-            ray.train.report({**metrics, **asdict(state)})
+            ray.train.report({**metrics, "step": state.step})
     progress.finish()

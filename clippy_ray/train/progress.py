@@ -75,22 +75,27 @@ class Progress:
         if self.enabled:
             self.emit({"kind": kind, "text": text, "step": step, "total": self.total, "status": status})
 
-    def start(self, device: str, precision_reason: str, data_position: int = 0, epoch: int = 0) -> None:
+    def start(self, device: str, precision_reason: str, resumed: str = "", resized: str = "") -> None:
+        """The run's first lines: `resumed` says what the attempt restored (empty for a new run),
+        `resized` how it changed to another number of workers (empty if it did not)."""
         t = self.cfg.train
-        resumed = ""
-        if self.start_step:
-            resumed = f", resuming at step {self.start_step} from data position {data_position} (epoch {epoch})"
         self._send(
             "start",
             f"run {t.run_name}: {self.total} steps of {t.global_batch_size} pairs on {t.num_workers} "
-            f"{device} worker(s), ZeRO-{t.zero_stage}{resumed}",
+            f"{device} worker(s), ZeRO-{t.zero_stage}" + (f", {resumed}" if resumed else ""),
             self.start_step,
         )
+        if resized:
+            self._send("start", resized, self.start_step)
         self._send(
             "start",
             f"precision {t.precision} ({precision_reason}); loss matmul {self.cfg.loss.matmul_dtype}, softmax float32",
             self.start_step,
         )
+
+    def checkpoint(self, step: int, why: str = "") -> None:
+        self._send("checkpoint", f"step {step}/{self.total} checkpoint saved" + (f" ({why})" if why else ""), step)
+        self.sync_wandb()
 
     def data_wait(self, seconds: float) -> None:
         self.window_wait += seconds
@@ -130,10 +135,6 @@ class Progress:
             )
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-
-    def checkpoint(self, step: int) -> None:
-        self._send("checkpoint", f"step {step}/{self.total} checkpoint saved", step)
-        self.sync_wandb()
 
     def sync_wandb(self) -> None:
         """With s3:// storage the W&B files are written on this node's disk, which an autoscaled node

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
+import re
 
 from clippy_ray import config, storage
 from clippy_ray.console import EventQueue
@@ -15,27 +15,10 @@ from clippy_ray.data.plan import DataFile, dump_manifest, list_files, load_manif
 from clippy_ray.data.schema import check_dataset
 from clippy_ray.errors import InputError
 from clippy_ray.model.pretrained import check_pretrained
-from clippy_ray.train.checkpoint import check_init
+from clippy_ray.train.checkpoint import check_init, legacy_shards
+from clippy_ray.train.shards import INDEX
+from clippy_ray.train.state import TrainState, read_train_state, require_train_state, resume_source
 
-
-def run_storage(uri: str) -> tuple[str, object | None]:
-    """(storage_path, storage_filesystem) for RunConfig: with a filesystem, Ray wants bucket/prefix."""
-    if storage.is_s3(uri):
-        fs, path = storage.resolve(uri)
-        return path, fs
-    return os.path.abspath(uri), None
-
-
-def checkpoint_uri(cfg: config.Config, checkpoint) -> str | None:
-    """The URI of a Ray Checkpoint (or None): with an S3 filesystem Ray reports bucket/prefix only."""
-    if checkpoint is None:
-        return None
-    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.train.storage) else checkpoint.path
-
-
-# Ray Train's record of a run's registered checkpoints, in the run folder. Its latest entry is the
-# checkpoint Ray hands the workers of the next attempt, with the metrics reported beside it.
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 MANIFEST = "data/train_files.json"  # the run's training files and their rows: fixes what a position means
 
 
@@ -52,44 +35,60 @@ def train_files(cfg: config.Config) -> list[DataFile]:
     return files
 
 
-def resume_point(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights") -> tuple[int, int]:
-    """(step, data position) the next attempt of the run starts from: the checkpoint Ray registered
-    last (the one it restores the workers from), else the --from checkpoint in full mode, else 0."""
-    snapshot = storage.join(cfg.train.storage, cfg.train.run_name, RAY_SNAPSHOT)
-    if storage.exists(snapshot):
-        metrics = (json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result") or {}).get("metrics") or {}
-        if "data_position" in metrics:
-            return int(metrics["step"]), int(metrics["data_position"])
-    if init_from and init_mode == "full":
-        state = json.loads(storage.read_bytes(storage.join(init_from, "train_state.json")))
-        return int(state.get("step", 0)), int(state.get("data_position", 0))
-    return 0, 0
-
-
 class TrainStream:
     """The training dataset, built again at every start of the worker group (Ray Train calls a
-    dataset factory then): it begins at the data position of the checkpoint the workers are about
-    to restore, so a restarted run reads on from there without reading or decoding what came
-    before. It covers the rows the remaining steps need, twice over (bad rows are dropped)."""
+    dataset factory then, before it hands the workers the checkpoint they restore): it reads
+    exactly the rows that checkpoint records as not trained on yet, first those below its
+    watermark (in shuffle buffers or not yet read when it was taken), then on from there, so a
+    restarted run neither skips a row nor trains one twice, and decodes nothing already trained
+    on. It covers the rows the remaining steps need, twice over (bad rows are dropped)."""
 
     def __init__(self, cfg: config.Config, files: list[DataFile], init_from: str | None, init_mode: str):
         self.cfg, self.files, self.init_from, self.init_mode = cfg, files, init_from, init_mode
-        self.started_at: list[tuple[int, int]] = []  # (step, position) of each build, for the driver's log
 
     def __call__(self):
-        cfg = self.cfg
-        step, position = resume_point(cfg, self.init_from, self.init_mode)
-        self.started_at.append((step, position))
-        t = cfg.train
-        buffers = t.num_workers * (cfg.data.shuffle_buffer + t.micro_batch_size + cfg.data.decode_batch_size)
-        rows = 2 * max(t.steps - step, 1) * t.global_batch_size + buffers
+        cfg, t = self.cfg, self.cfg.train
+        source = resume_source(cfg, self.init_from, self.init_mode)
+        state = TrainState.from_dict(read_train_state(source) if source else None)
+        buffers = t.max_workers * (cfg.data.shuffle_buffer + t.micro_batch_size + cfg.data.decode_batch_size)
+        rows = 2 * max(t.steps - state.step, 1) * t.global_batch_size + buffers
         size = cfg.model.image.img_size
-        return build_dataset(cfg.data.train, cfg.data, cfg.model.text, size, True, position, rows, self.files)
+        spans = state.rows.untrained(rows)
+        return build_dataset(cfg.data.train, cfg.data, cfg.model.text, size, True, files=self.files, spans=spans)
+
+
+def check_resume(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights") -> str | None:
+    """Driver side, before Ray starts: the checkpoint the run goes on from (None for a new run) can
+    be resumed with this config; a change it cannot take is one line saying what to do."""
+    source = resume_source(cfg, init_from, init_mode)
+    if source is None:
+        return None
+    saved = require_train_state(source)
+    optimizer = saved.get("optimizer")
+    if optimizer and optimizer != cfg.train.optimizer:
+        raise InputError(
+            f"{source}: its optimizer state is {optimizer}'s and train.optimizer is {cfg.train.optimizer}; resume "
+            f"with train.optimizer={optimizer}, or start a new run from its weights: --from {source} --from-mode "
+            "weights train.run_name=NEW_NAME"
+        )
+    if not storage.exists(storage.join(source, INDEX)):  # written before the resizable format
+        ranks = {m.group(1) for f in legacy_shards(source) if (m := re.search(r"zero_pp_rank_(\d+)_", f))}
+        if ranks and (cfg.train.elastic or len(ranks) != cfg.train.num_workers):
+            raise InputError(
+                f"{source}: written by an older clippy-ray in DeepSpeed's own format, which resumes only on the "
+                f"{len(ranks)} workers that wrote it; set train.num_workers={len(ranks)} to finish the run, or "
+                f"start a new run from its weights: --from {source} --from-mode weights train.run_name=NEW_NAME"
+            )
+    return source
 
 
 def val_rows(cfg: config.Config) -> int:
     """The validation subset: the same first rows of data.val (files in sorted order) every time."""
-    return cfg.train.val_batches * cfg.train.micro_batch_size * cfg.train.num_workers
+    return cfg.train.val_batches * cfg.train.micro_batch_size * cfg.train.max_workers
+
+
+def workers(t: config.TrainConfig) -> str:
+    return f"{t.min_workers}-{t.max_workers} (elastic)" if t.elastic else str(t.num_workers)
 
 
 def describe(cfg: config.Config) -> list[str]:
@@ -108,8 +107,8 @@ def describe(cfg: config.Config) -> list[str]:
         f"model: {m.image.name} {m.image.timm_kwargs or ''} at {m.image.img_size} px + {m.text.model_type} text "
         f"encoder, {m.aggregation} pooling, token keep {keep or 'all'}, embedding {m.embed_dim}",
         "data: " + "; ".join(data),
-        f"workers: {t.num_workers} x ({per_worker}); batch {t.micro_batch_size} per worker x {t.grad_accum_steps} "
-        f"accumulation = {t.global_batch_size} pairs per step, {t.steps} steps"
+        f"workers: {workers(t)} x ({per_worker}); batch {t.micro_batch_size} per worker x {t.grad_accum_steps} "
+        f"accumulation{' at max' if t.elastic else ''} = {t.global_batch_size} pairs per step, {t.steps} steps"
         + (f", torch.compile ({t.compile_backend}; the first steps compile)" if t.compile else ""),
         f"storage: {storage.join(t.storage, t.run_name)} (checkpoint every {t.checkpoint_every} steps, "
         f"last {t.keep_checkpoints} kept)",
@@ -178,7 +177,7 @@ def dry_run(cfg: config.Config) -> list[str]:
     )
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
     lines.append(
-        f"resources: {t.num_workers} workers x {per_worker} (+ Ray Data decode tasks at {cfg.data.decode_cpus} CPU "
+        f"resources: {workers(t)} workers x {per_worker} (+ Ray Data decode tasks at {cfg.data.decode_cpus} CPU "
         f"each); precision {t.precision}, ZeRO-{t.zero_stage}, {t.steps} steps, checkpoint every "
         f"{t.checkpoint_every}, validation every {t.val_every or 'run end only'}"
     )
@@ -200,7 +199,9 @@ def fit(
 
     from clippy_ray.train.loop import train_loop
 
+    t = cfg.train
     check_inputs(cfg, init_from, init_mode)
+    check_resume(cfg, init_from, init_mode)
     image_size = cfg.model.image.img_size
     files = train_files(cfg)
     datasets = {"train": TrainStream(cfg, files, init_from, init_mode)}
@@ -209,7 +210,7 @@ def fit(
             cfg.data.val, cfg.data, cfg.model.text, image_size, train=False, rows=val_rows(cfg)
         )
 
-    path, fs = run_storage(cfg.train.storage)
+    path, fs = storage.ray_storage(cfg.train.storage)
     _write_resolved_config(cfg)
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.worker_resources}
     if cfg.train.use_gpu:
@@ -218,6 +219,11 @@ def fit(
         for line in describe(cfg):
             console.line(line)
     events = EventQueue(console) if console is not None else contextlib.nullcontext()
+    resize_lines = []
+    if t.elastic:
+        from clippy_ray.train.resize import WorkerCountLines
+
+        resize_lines.append(WorkerCountLines(getattr(events, "queue", None), t.steps))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -231,7 +237,10 @@ def fit(
         },
         datasets=datasets,
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+            num_workers=(t.min_workers, t.max_workers) if t.elastic else t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=t.resize_check_s,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -240,7 +249,7 @@ def fit(
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []), *resize_lines],
         ),
     )
     with events:

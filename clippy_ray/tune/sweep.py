@@ -34,7 +34,8 @@ def run_trial(params: dict, sweep: dict, trials: dict) -> None:
     from clippy_ray.eval import headline, run_eval
     from clippy_ray.model.handoff import HANDOFF_DIR
     from clippy_ray.train.progress import open_wandb
-    from clippy_ray.train.trainer import checkpoint_uri, fit
+    from clippy_ray.train.state import checkpoint_uri
+    from clippy_ray.train.trainer import fit
 
     DataContext.get_current().enable_progress_bars = False  # the sweep's trial lines are the progress here
     sw = config.from_dict(sweep, SweepConfig)
@@ -179,8 +180,6 @@ def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print, verbos
     The console gets one line per trial event (`TrialLines`); `verbose` adds Tune's status table."""
     from ray import tune
 
-    from clippy_ray.train.trainer import run_storage
-
     # Training reports carry val_loss only on validation steps; ASHA skips the others.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if note := asha_never_stops(sweep, trials):
@@ -189,7 +188,7 @@ def run_sweep(sweep: SweepConfig, trials: list[config.Config], log=print, verbos
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=config.to_dict(sweep), trials=resolved), {"cpu": sweep.trial_cpus}
     )
-    path, fs = run_storage(sweep.storage)
+    path, fs = storage.ray_storage(sweep.storage)
     experiment = f"{path.rstrip('/')}/{sweep.name}"
     try:
         resumable = tune.Tuner.can_restore(experiment, storage_filesystem=fs)
