@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clippy_ray import config, storage
     from clippy_ray.model.handoff import HANDOFF_DIR
     from clippy_ray.train.state import checkpoint_uri
-    from clippy_ray.train.trainer import check_inputs, dry_run, fit
+    from clippy_ray.train.trainer import check_inputs, check_resume, dry_run, fit
 
     cfg = config.load(args.config, args.overrides)
     if args.dry_run:
@@ -151,7 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             console.line(line)
         console.line("dry run: nothing was started")
         return 0
-    check_inputs(cfg, args.init_from, args.from_mode)  # before Ray starts (fit checks again, for library use)
+    # before Ray starts (fit checks again, for library use)
+    check_inputs(cfg, args.init_from, args.from_mode)
+    check_resume(cfg, args.init_from, args.from_mode)
     with _ray_session(args, storage.join(cfg.train.storage, cfg.train.run_name)) as console:
         console.line(
             f"config: {args.config or 'defaults'}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")

@@ -57,15 +57,23 @@ def matmul_gflops(dtype: torch.dtype, size: int = 256, seconds: float = 0.1, dev
     return 2 * size**3 * n / elapsed / 1e9
 
 
+def cuda_choice(name: str, capability: tuple[int, int]) -> Choice:
+    """`auto` on a GPU: bf16 where its tensor cores run bf16 (compute capability 8.0 on: A100, H100,
+    L4, RTX 30xx on). torch.cuda.is_bf16_supported() also says yes on V100 and T4 (7.x), where bf16
+    is emulated through float32 and slower than fp16 or fp32."""
+    major, minor = capability
+    if (major, minor) >= (8, 0):
+        return Choice("bf16", f"{name} (compute capability {major}.{minor}) runs bf16 natively")
+    return Choice("fp32", f"{name} (compute capability {major}.{minor}) has no native bf16 (needs 8.0 or later)")
+
+
 def choose(requested: str, device: torch.device, cpuinfo: str | None = None) -> Choice:
     """Resolve train.precision: an explicit bf16 / fp32 wins; `auto` asks the device (on a CPU:
     its flags in `cpuinfo`, default /proc/cpuinfo, then a short matmul race)."""
     if requested != "auto":
         return Choice(requested, "set in the config")
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Choice("bf16", f"{torch.cuda.get_device_name(device)} supports bf16")
-        return Choice("fp32", f"{torch.cuda.get_device_name(device)} has no bf16 support")
+        return cuda_choice(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
     flags = cpu_bf16_flags(cpuinfo)
     if not flags and (cpuinfo is not None or Path("/proc/cpuinfo").exists()):
         return Choice("fp32", "this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag)")

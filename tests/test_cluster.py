@@ -21,6 +21,9 @@ def test_cluster_launcher_yaml_passes_rays_own_schema_validation():
     assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1  # autoscales from zero
     assert gpu["node_config"]["InstanceType"] == "p4d.24xlarge"  # 8 GPUs per node
     assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    spot = cfg["available_node_types"]["gpu_8x_a100_spot"]  # beside on-demand, the same nodes as spot
+    assert spot["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"} and spot["min_workers"] == 0
+    assert spot["node_config"]["InstanceType"] == gpu["node_config"]["InstanceType"]
 
 
 def test_kuberay_rayjob_autoscales_gpu_workers_and_takes_secrets_from_a_secret():
@@ -28,11 +31,16 @@ def test_kuberay_rayjob_autoscales_gpu_workers_and_takes_secrets_from_a_secret()
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]["rayClusterSpec"]
     assert spec["enableInTreeAutoscaling"] is True
-    (group,) = spec["workerGroupSpecs"]
-    assert group["minReplicas"] == 0 < group["maxReplicas"]
-    container = group["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
-    assert container["envFrom"] == [{"secretRef": {"name": "clippy-ray-secrets"}}]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert sorted(groups) == ["gpu-8x", "gpu-8x-spot"]
+    for group in groups.values():
+        assert group["minReplicas"] == 0 < group["maxReplicas"]
+        container = group["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert container["envFrom"] == [{"secretRef": {"name": "clippy-ray-secrets"}}]
+    spot = groups["gpu-8x-spot"]["template"]["spec"]
+    assert spot["nodeSelector"] == {"karpenter.sh/capacity-type": "spot"}
+    assert any(t.get("value") == "spot" for t in spot["tolerations"])
     entry = job["spec"]["entrypoint"].split()
     assert entry[:2] == ["python", "jobs/train.py"] and (ROOT / entry[1]).exists()
     assert (ROOT / entry[entry.index("--config") + 1]).exists()

@@ -66,3 +66,34 @@ def test_worker_resources_take_custom_ray_resources_and_name_each_bad_entry():
         "eval.worker_resources.CPU: a built-in Ray resource (CPUs and GPUs come from cpus_per_worker and "
         "use_gpu); list custom resources only, e.g. {gpu_node: 1}",
     ]
+
+
+def test_elastic_workers_keep_the_micro_batch_and_the_global_batch_through_the_accumulation():
+    cfg = config.load(None, ["train.num_workers=[1, 2]", "train.global_batch_size=64"])
+    t = cfg.train
+    assert (t.elastic, t.min_workers, t.max_workers, t.micro_batch_size) == (True, 1, 2, 32)
+    assert [t.grad_accum_at(w) * w * t.micro_batch_size for w in (1, 2)] == [64, 64]
+    assert config.from_dict(config.to_dict(cfg)) == cfg  # a resolved config with a range reproduces the run
+    cfg = config.load(None, ["train.num_workers=[2, 3]", "train.global_batch_size=36", "train.grad_accum_steps=2"])
+    assert [cfg.train.grad_accum_at(w) for w in (2, 3)] == [3, 2]  # 6 micro-batches of 6 pairs, any size
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["train.num_workers=[2, 1]"], "train.num_workers: [2, 1] must be a number >= 1 or [min, max] with 1 <= min"),
+        (["train.num_workers=[0, 2]"], "train.num_workers: [0, 2] must be a number >= 1 or [min, max]"),
+        (["train.num_workers=[1, 2, 3]"], "train.num_workers: [1, 2, 3] must be a number >= 1 or [min, max]"),
+        (
+            ["train.num_workers=[2, 4]", "train.global_batch_size=64"],
+            "train.num_workers: [2, 4]: a step is 4 micro-batches (max workers x grad_accum_steps), which 3 workers "
+            "cannot share evenly, so the global batch could not stay the same; every size from min to max must "
+            "divide 4: use num_workers=[4, 4], or grad_accum_steps=3 (and a global_batch_size that is a "
+            "multiple of 12)",
+        ),
+    ],
+)
+def test_an_elastic_range_the_global_batch_cannot_follow_is_refused_with_the_fix(overrides, line):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, overrides)
+    assert line in str(err.value)

@@ -37,6 +37,15 @@ def test_explicit_precision_wins_and_auto_is_fp32_on_a_cpu_without_native_bf16()
     assert precision.matmul_dtype("bfloat16", "fp32") == torch.bfloat16
 
 
+def test_auto_on_a_gpu_picks_bf16_only_where_it_runs_natively_not_on_v100_or_t4():
+    # torch.cuda.is_bf16_supported() is True on a V100 (7.0) and a T4 (7.5): bf16 emulated there
+    assert precision.cuda_choice("Tesla V100-SXM2-32GB", (7, 0)).precision == "fp32"
+    t4 = precision.cuda_choice("Tesla T4", (7, 5))
+    assert t4.precision == "fp32" and "no native bf16 (needs 8.0 or later)" in t4.reason
+    assert precision.cuda_choice("NVIDIA A100-SXM4-80GB", (8, 0)).precision == "bf16"
+    assert precision.cuda_choice("NVIDIA H100 80GB HBM3", (9, 0)).precision == "bf16"
+
+
 @pytest.mark.integration  # a fresh interpreter, so oneDNN and MKL read the ISA cap at start
 @pytest.mark.skipif(not precision.cpu_bf16_flags(), reason="needs a CPU that announces native bf16")
 def test_auto_measures_and_picks_fp32_when_the_math_library_cannot_use_native_bf16():

@@ -218,7 +218,11 @@ def test_train_job_spreads_over_two_nodes_and_an_eval_job_on_a_new_node_reads_it
     ckpt = f"{runs}/two-nodes/step_00000004"
     assert f"checkpoint: {ckpt}" in logs
     assert "Job 'train-1' succeeded" in job_status(cluster, "train-1")
-    assert storage.exists(f"{ckpt}/model/model.safetensors") and storage.exists(f"{ckpt}/ds")
+    assert storage.exists(f"{ckpt}/model/model.safetensors")
+    # each rank's part of the optimizer state, written from its own node
+    assert storage.exists(f"{ckpt}/state/rank00000.safetensors") and storage.exists(
+        f"{ckpt}/state/rank00001.safetensors"
+    )
     workers = cluster.actors("RayTrainWorker")
     assert {a["node_id"] for a in workers} == {cluster.node_ids["w1"], cluster.node_ids["w2"]}, workers
     trained_at = time.time()

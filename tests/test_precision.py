@@ -351,7 +351,8 @@ def test_bf16_training_follows_fp32_within_the_stated_tolerance(record):
 def test_a_resumed_run_reads_the_precision_its_checkpoint_was_trained_in(tmp_path):
     import json
 
-    from clippy_ray.train.loop import saved_precision, saved_train_state
+    from clippy_ray.train.state import read_train_state as saved_train_state
+    from clippy_ray.train.state import saved_precision
 
     (tmp_path / "fp32").mkdir()
     (tmp_path / "fp32" / "train_state.json").write_text(json.dumps({"step": 6, "precision": "fp32"}))

@@ -211,3 +211,37 @@ def test_a_pickle_planted_as_a_ranks_file_is_refused_in_one_line_and_never_runs(
         "(Error while deserializing: header too large); the checkpoint is damaged"
     ), record["planted"]
     assert not (record["root"] / "ran").exists()
+
+
+def test_a_resume_the_config_cannot_take_is_refused_before_ray_starts_with_what_to_do(tmp_path):
+    import json
+
+    import ray
+
+    from clippy_ray.train.trainer import check_resume
+
+    cfg = _config(1, (2, "fp32", "adamw"))
+    cfg.train.storage, cfg.train.run_name = str(tmp_path / "runs"), "new"
+    # another optimizer's state
+    lamb = tmp_path / "lamb"
+    (lamb / "state").mkdir(parents=True)
+    (lamb / "state" / "index.json").write_text("{}")
+    (lamb / "train_state.json").write_text(json.dumps({"step": 5, "optimizer": "lamb", "world_size": 2}))
+    with pytest.raises(InputError) as err:
+        check_resume(cfg, str(lamb), "full")
+    assert str(err.value) == (
+        f"{lamb}: its optimizer state is lamb's and train.optimizer is adamw; resume with train.optimizer=lamb, or "
+        f"start a new run from its weights: --from {lamb} --from-mode weights train.run_name=NEW_NAME"
+    )
+    # an older checkpoint in DeepSpeed's own format, written by 2 workers, on 1 (or elastic)
+    old = tmp_path / "old"
+    (old / "ds").mkdir(parents=True)
+    for rank in (0, 1):
+        (old / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (old / "train_state.json").write_text(json.dumps({"step": 5, "data_position": 80}))
+    with pytest.raises(InputError, match=r"resumes only on the 2 workers that wrote it; set train.num_workers=2"):
+        check_resume(cfg, str(old), "full")
+    cfg.train.num_workers = 2
+    assert check_resume(cfg, str(old), "full") == str(old)  # on 2 workers it resumes
+    assert check_resume(cfg, str(old), "weights") is None  # weights mode: a new run
+    assert not ray.is_initialized()

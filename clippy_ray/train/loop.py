@@ -156,8 +156,9 @@ def _gather(mine: np.ndarray) -> np.ndarray | None:
     return np.concatenate(every) if every is not None else None
 
 
-def _resume_lines(state: TrainState, saved: dict, world: int, bytes_read: int, rows_per_epoch: int, device) -> tuple:
-    """(what the attempt restored, how it was resized) for the console; collective (bytes per rank)."""
+def _resume_lines(state: TrainState, saved: dict, t: config.TrainConfig, bytes_read: int, rows_per_epoch: int, device):
+    """(what the attempt restored, how it was resized) for the console, `t` resolved for this
+    attempt's workers; collective (the bytes read per rank)."""
     read = torch.tensor([bytes_read, bytes_read], dtype=torch.float64, device=device)
     top, total = read.clone(), read.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX)
@@ -170,10 +171,10 @@ def _resume_lines(state: TrainState, saved: dict, world: int, bytes_read: int, r
     )
     before = saved.get("world_size")
     resized = ""
-    if before and before != world:
+    if before and before != t.num_workers:
         resized = (
-            f"resized from {before} to {world} workers: gradient accumulation {saved.get('grad_accum_steps', '?')} "
-            f"-> {saved['grad_accum_steps_now']} keeps {saved.get('global_batch_size', '?')} pairs per step"
+            f"resized from {before} to {t.num_workers} workers: gradient accumulation "
+            f"{saved.get('grad_accum_steps', '?')} -> {t.grad_accum_steps} keeps {t.global_batch_size} pairs per step"
         )
     return resumed, resized
 
@@ -184,12 +185,11 @@ def _check_untrained(state: TrainState, batch: dict, source: str | None) -> None
     positions = batch["position"].numpy()
     seen = state.rows.contains(positions)
     if seen.any():
-        err = RepeatedRows(positions[seen])
         raise RuntimeError(
-            f"{err}; the training stream does not start where the restored checkpoint "
+            f"{RepeatedRows(positions[seen])}; the training stream does not start where the restored checkpoint "
             f"({source or 'none: a new run'}) says the run is. Nothing was trained on them again; report this "
             "with the run's logs"
-        ) from None
+        )
 
 
 def train_loop(loop_config: dict) -> None:
@@ -267,8 +267,7 @@ def train_loop(loop_config: dict) -> None:
     progress = Progress(cfg, enabled=rank == 0, emit=emitter(loop_config.get("events")), start_step=state.step)
     resumed_line, resized_line = "", ""
     if resumed:
-        saved["grad_accum_steps_now"] = cfg.train.grad_accum_steps
-        resumed_line, resized_line = _resume_lines(state, saved, world, bytes_read, rows_per_epoch, device)
+        resumed_line, resized_line = _resume_lines(state, saved, cfg.train, bytes_read, rows_per_epoch, device)
     progress.start("GPU" if device.type == "cuda" else "CPU", choice.reason, resumed_line, resized_line)
     accum, micro = cfg.train.grad_accum_steps, 0
     window = {"loss": 0.0, "n": 0}
@@ -306,9 +305,11 @@ def train_loop(loop_config: dict) -> None:
         metrics = {}
         last = state.step == cfg.train.steps
         logging = state.step % cfg.train.log_every == 0 or last
-        why = "" if state.step % cfg.train.checkpoint_every == 0 or last else None
+        checkpoint, why = state.step % cfg.train.checkpoint_every == 0 or last, ""
         if logging and not preempted and ray.train.get_preemption_info() is not None:  # collective
-            preempted, why = True, why if why is not None else "a node of this run is being drained"
+            preempted = True  # a spot node's notice: checkpoint now, once, and train on until it goes
+            if not checkpoint:
+                checkpoint, why = True, "a node of this run is being drained"
         if logging:
             counts = _mean_over_ranks(
                 {"loss": float(window["loss"]) / max(window["n"], 1), **stream.counters()},
@@ -321,7 +322,7 @@ def train_loop(loop_config: dict) -> None:
         if val_shard is not None and (last or (cfg.train.val_every and state.step % cfg.train.val_every == 0)):
             metrics.update(validate(engine, val_shard, cfg, dtype))
         audit = None
-        if why is not None:
+        if checkpoint:
             consumed = _gather(stream.take_consumed())
             if consumed is not None:
                 state.rows.add(consumed)  # RepeatedRows if a row had been trained on already
@@ -330,7 +331,7 @@ def train_loop(loop_config: dict) -> None:
                 trained = []
         if metrics:
             progress.log(state.step, metrics)
-        if why is not None:
+        if checkpoint:
             save_checkpoint(engine, model, state, cfg, tokenizer, metrics, record, audit)
             progress.checkpoint(state.step, why)
         elif metrics:

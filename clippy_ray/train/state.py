@@ -5,6 +5,7 @@ restarted run reads and the state its workers restore come from the same record.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 from clippy_ray import config, storage
@@ -83,10 +84,17 @@ def latest_checkpoint(cfg: config.Config) -> str | None:
 
     path, fs = storage.ray_storage(cfg.train.storage)
     run = f"{path.rstrip('/')}/{cfg.train.run_name}"
+    # reading it, Ray's checkpoint manager announces at INFO that it found the snapshot, on stderr
+    # when this runs on the driver before Ray's logging is routed to the run's log file
+    quiet = logging.getLogger("ray.train")
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))
     try:
         result = Result.from_path(run, storage_filesystem=fs)
     except RuntimeError:  # no run folder, or no checkpoint registered yet
         return None
+    finally:
+        quiet.setLevel(level)
     return checkpoint_uri(cfg, result.checkpoint)
 
 

@@ -171,10 +171,15 @@ def dry_run(cfg: config.Config) -> list[str]:
     check_storage(cfg)
     t = cfg.train
     root = storage.join(t.storage, t.run_name)
-    resumes = storage.exists(storage.join(root, "config.yaml"))
-    lines.append(
-        f"run folder: {root} ({'exists: the run resumes from its latest checkpoint' if resumes else 'new run'})"
-    )
+    source = check_resume(cfg)
+    if source:
+        saved = read_train_state(source) or {}
+        lines.append(
+            f"run folder: {root} (the run resumes from {source}: step {saved.get('step', '?')}, written by "
+            f"{saved.get('world_size', '?')} worker(s))"
+        )
+    else:
+        lines.append(f"run folder: {root} (new run)")
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
     lines.append(
         f"resources: {workers(t)} workers x {per_worker} (+ Ray Data decode tasks at {cfg.data.decode_cpus} CPU "
