@@ -48,6 +48,7 @@ bench: setup
 		'model.text.hf_config={num_layers: 12, num_heads: 2, d_model: 64, d_kv: 32, d_ff: 128, vocab_size: 512}'
 	$(PY) bench/ingest.py
 	$(PY) bench/eval_scaling.py
+	$(PY) bench/eval_during_training.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

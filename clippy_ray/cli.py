@@ -178,6 +178,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from clippy_ray.eval.runner import choose_tasks
     from clippy_ray.model.handoff import find_handoff
 
+    if args.watch:
+        return _watch(args)
     find_handoff(args.checkpoint)  # the checkpoint, the data and the output are checked before Ray starts
     if args.out:
         storage.require_bucket(args.out, "--out")
@@ -204,6 +206,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
             tasks_named=tasks_named,
         )
         console.line(summary_line(report["results"]))
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """`eval --watch RUN`: the run's own eval settings (its config.yaml), then overrides and flags."""
+    import yaml
+
+    from clippy_ray import config, storage
+    from clippy_ray.eval.curve import watch
+    from clippy_ray.eval.datasets import open_eval_set
+    from clippy_ray.eval.evaluator import check_settings
+    from clippy_ray.eval.runner import choose_tasks
+
+    saved = storage.join(args.watch, "config.yaml")
+    storage.require(saved, "--watch", "give a run folder: <train.storage>/<train.run_name>")
+    run_cfg = yaml.safe_load(storage.read_bytes(saved)) or {}
+    flags = {
+        "tasks": args.tasks.split(",") if args.tasks else None,
+        "workers": args.workers,
+        "resolution": args.resolution,
+        "max_rows": args.max_rows,
+        "use_gpu": args.gpu or None,
+    }
+    extra = config.parse_overrides(args.overrides)
+    eval_data = config.merge(config.merge(run_cfg.get("eval") or {}, extra.get("eval", {})), flags)
+    cfg = config.from_dict({"eval": {k: v for k, v in eval_data.items() if v is not None}}).eval
+    final = int((run_cfg.get("train") or {}).get("steps", config.TrainConfig().steps))
+    if args.out:
+        storage.require_bucket(args.out, "--out")
+    data = open_eval_set(args.data, args.format, cfg.rows_per_shard, cfg.max_rows, args.classes)
+    choose_tasks(data, cfg.tasks, args.tasks is not None)  # before Ray starts
+    check_settings(cfg, data)
+    with _ray_session(args, args.out or storage.join(args.watch, "eval")) as console:
+        curve = watch(args.watch, data, cfg, final, args.out, args.format, console.line, args.poll)
+        console.line(f"watched {args.watch} to step {final}: {len(curve)} checkpoints evaluated")
     return 0
 
 
@@ -349,9 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="zero-shot cls / seg, unsupervised grouping, robustness (parallel Ray tasks)")
-    p.add_argument(
-        "--checkpoint", required=True, help="handoff checkpoint (a training checkpoint or its model/ folder)"
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="handoff checkpoint (a training checkpoint or its model/ folder)")
+    which.add_argument(
+        "--watch",
+        metavar="RUN",
+        help="a run folder (<storage>/<run_name>): evaluate each checkpoint it registers as it lands, until its "
+        "last step's (results in RUN/eval unless --out)",
     )
+    p.add_argument("--poll", type=float, default=10.0, help="--watch: seconds between looks at the run")
     p.add_argument("--data", required=True, help="benchmark root, VOC / ADE20K / Waterbirds folder, or parquet")
     p.add_argument("--tasks", help="comma-separated: cls,seg,unsup,robust (default: eval.tasks)")
     p.add_argument("--out", help="where results.json, results.md and pictures go (local or s3://)")

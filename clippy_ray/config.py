@@ -322,6 +322,39 @@ BACKGROUND_MODES = ("auto", "class", "threshold", "none")
 
 
 @dataclass
+class DuringTrainingConfig:
+    """`eval.during_training`: each checkpoint evaluated as it lands, beside training (Ray Train's
+    validation tasks); the rest of the eval settings come from `eval`."""
+
+    data: str | None = None  # the evaluation data (any format `clippy-ray eval` reads); null: off
+    format: str = "auto"  # as `clippy-ray eval --format`
+    tasks: tuple[str, ...] = ("seg", "unsup")  # the grouping numbers; any of cls, seg, unsup, robust
+    max_rows: int | None = 64  # per split: a few minutes on a CPU; null: all rows
+    resolution: int | None = None  # null: eval.resolution
+    workers: int = 1  # Ray actors, each holding the model once
+    cpus_per_worker: float = 0.5  # leave the training workers and the decoding their CPUs
+    use_gpu: bool = False  # a GPU per evaluation worker (a GPU node of its own on a cluster)
+    worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {eval_gpu_node: 1}
+    timeout_s: float | None = None  # an evaluation that takes longer is stopped and recorded as timed out
+
+    def check(self, path: str) -> list[str]:
+        errors = [
+            f"{path}.tasks: {t!r} is not one of {', '.join(EVAL_TASKS)}" for t in self.tasks if t not in EVAL_TASKS
+        ]
+        if not self.tasks:
+            errors.append(f"{path}.tasks: empty; name at least one of {', '.join(EVAL_TASKS)}")
+        errors += out_of_range(path, self, ">= 1", ("workers",))
+        errors += out_of_range(path, self, "> 0", ("cpus_per_worker",))
+        if self.max_rows is not None and self.max_rows < 1:
+            errors.append(f"{path}.max_rows: {self.max_rows} must be >= 1 (or null for all rows)")
+        if self.resolution is not None and self.resolution < 1:
+            errors.append(f"{path}.resolution: {self.resolution} must be >= 1 (or null for eval.resolution)")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            errors.append(f"{path}.timeout_s: {self.timeout_s} must be > 0 (or null for no limit)")
+        return errors + bad_resources(f"{path}.worker_resources", self.worker_resources)
+
+
+@dataclass
 class EvalConfig:
     tasks: tuple[str, ...] = EVAL_TASKS
     resolution: int | None = None  # seg/unsup short side; None: 2 x model.image.img_size (paper: 448 on 224)
@@ -341,6 +374,26 @@ class EvalConfig:
     # prompts: auto (the dataset's), a shipped set (clip, simple, benchmark) or a text file, one per line with {}
     templates: str = "auto"
     examples: int = 6  # overlay pictures in the report
+    # the workers at the lowest CPU priority (nice 19): set for evaluation during training, so that
+    # on CPUs it shares with training the scheduler runs training's threads first
+    yield_cpu: bool = False
+    during_training: DuringTrainingConfig = field(default_factory=DuringTrainingConfig)
+
+    def while_training(self) -> EvalConfig:
+        """The settings an evaluation during training runs with: these, with during_training's."""
+        d = self.during_training
+        resolution = d.resolution if d.resolution is not None else self.resolution
+        return dataclasses.replace(
+            self,
+            tasks=d.tasks,
+            max_rows=d.max_rows,
+            resolution=resolution,
+            workers=d.workers,
+            cpus_per_worker=d.cpus_per_worker,
+            use_gpu=d.use_gpu,
+            worker_resources=d.worker_resources,
+            yield_cpu=True,
+        )
 
     def check(self, path: str) -> list[str]:
         errors = [
@@ -358,6 +411,7 @@ class EvalConfig:
             + out_of_range(path, self, "> 0", ("cpus_per_worker",))
             + bad_resources(f"{path}.worker_resources", self.worker_resources)
             + out_of_range(path, self, ">= 0", ("examples",))
+            + self.during_training.check(f"{path}.during_training")
         )
 
 
@@ -512,6 +566,7 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.model.text.pretrained = absolute_uri(cfg.model.text.pretrained)
     cfg.model.text.tokenizer = absolute_uri(cfg.model.text.tokenizer)
     cfg.train.storage = absolute_uri(cfg.train.storage)  # rank 0 writes the offline W&B run there
+    cfg.eval.during_training.data = absolute_uri(cfg.eval.during_training.data)
     return cfg
 
 

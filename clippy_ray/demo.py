@@ -36,6 +36,8 @@ def run_demo(cfg: config.Config, console: Console, rows: int = 6000, eval_rows: 
         )
     else:
         console.line(f"benchmark already in {data_root}")
+    if cfg.eval.during_training.data:  # each checkpoint on the benchmark's own evaluation splits
+        cfg.eval.during_training.data = data_root
     result = fit(cfg, console=console)
     checkpoint = checkpoint_uri(cfg, result.checkpoint)
     run = storage.join(cfg.train.storage, cfg.train.run_name)
@@ -46,8 +48,11 @@ def run_demo(cfg: config.Config, console: Console, rows: int = 6000, eval_rows: 
         "handoff": f"{checkpoint}/{HANDOFF_DIR}" if checkpoint else None,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
     }
+    if cfg.eval.during_training.data:
+        summary["curve"] = storage.join(run, "eval", "curve.md")
     if checkpoint:
-        out = storage.join(run, "eval", checkpoint.rstrip("/").rsplit("/", 1)[-1])
+        # every task on more rows than during training; beside the curve's step_XXXXXXXX folders
+        out = storage.join(run, "eval", "final_" + checkpoint.rstrip("/").rsplit("/", 1)[-1])
         console.line(f"evaluating {summary['handoff']} on {data_root}")
         summary["eval"] = run_eval(
             summary["handoff"], data_root, cfg.eval, out, log=console.line, progress=console.counter("eval", "shards")
@@ -69,6 +74,8 @@ def print_summary(summary: dict, console: Console) -> None:
         )
     if summary.get("eval"):
         console.line(f"evaluation:          {summary_line(summary['eval']['results'])}")
+    if summary.get("curve"):
+        console.line(f"curve (each checkpoint): {summary['curve']}")
     console.line(f"benchmark data:      {summary['data']}")
     console.line(f"run (config, W&B):   {summary['run']}")
     console.line(f"latest checkpoint:   {summary['checkpoint']}")

@@ -111,3 +111,18 @@ def ray_local(s3_server):
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def bench(ray_local, tmp_path_factory):
+    """The tiny benchmark the training tests read (160 train rows at 32 px in 40-row files, 32 val
+    rows with masks); made once, with the session's Ray. Treat it as read-only."""
+    from clippy_ray.data.benchmark import BenchmarkSpec
+    from clippy_ray.data.commands import make_benchmark
+
+    out = tmp_path_factory.mktemp("bench")
+    make_benchmark(
+        str(out), rows=160, eval_rows=32, spec=BenchmarkSpec(seed=0, image_size=32), rows_per_shard=40,
+        splits=("train", "val"),
+    )  # fmt: skip
+    return out

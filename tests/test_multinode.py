@@ -411,11 +411,11 @@ def test_an_elastic_run_checkpoints_on_a_drain_notice_goes_on_with_fewer_workers
     attempts, it trained once."""
     # a worker group Ray decides on from a resource view that still counts the lost node waits this
     # long for it (Ray's default: 60 s) before it decides again
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     node = {"CPU": 1, "train_node": 1}
     cluster = cluster_factory({"CPU": 0}, {"w1": node, "w2": node})
     runs = f"s3://{BUCKET}/runs"
-    steps, every = 400, 10
+    steps, every = 240, 10
     train = tiny_run(
         s3_bench,
         f"train.storage={runs}",

@@ -47,6 +47,11 @@ def sweep_files(tmp_path_factory, ray_local):
             "eval.rows_per_shard=8",
             "eval.examples=1",
             "eval.templates=simple",
+            # each trial's checkpoint evaluated as it lands: a curve per trial
+            f"eval.during_training.data={data}",
+            "eval.during_training.tasks=[seg]",
+            "eval.during_training.max_rows=8",
+            "eval.during_training.cpus_per_worker=0.2",
         )
     )
     (root / "base.yaml").write_text(yaml.safe_dump(base))
@@ -93,6 +98,8 @@ def test_a_two_trial_sweep_fills_the_table_from_real_evaluations_and_resumes(swe
     evals = {r["label"]: json.loads((out / "eval" / r["label"] / "results.json").read_text()) for r in rows}
     assert rows[0]["seg_miou"] == pytest.approx(evals["max"]["results"]["seg"]["miou"])
     assert os.listdir(out / "runs" / "max" / "wandb")  # every trial logs to W&B offline
+    for trial in ("max", "avg"):  # and has its curve (eval.during_training)
+        assert list(json.loads((out / "runs" / trial / "eval" / "curve.json").read_text())) == ["4"]
 
     # Run it again: Tune restores the experiment and the finished trials are not run again.
     stamps = {r["label"]: (out / "eval" / r["label"] / "results.json").stat().st_mtime_ns for r in rows}

@@ -17,8 +17,6 @@ import torch
 import torch.multiprocessing as mp
 
 from clippy_ray import config, storage
-from clippy_ray.data.benchmark import BenchmarkSpec
-from clippy_ray.data.commands import make_benchmark
 from clippy_ray.data.plan import TrainedRows
 from tests.conftest import TINY
 
@@ -121,24 +119,6 @@ def test_bad_train_config_is_one_error_line_before_any_worker_starts():
 
 
 # ---------------------------------------------------------------- Ray Train + DeepSpeed runs
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    import ray
-
-    if not ray.is_initialized():
-        pytest.skip("needs the session's Ray")
-    make_benchmark(
-        str(out),
-        rows=160,
-        eval_rows=32,
-        spec=BenchmarkSpec(seed=0, image_size=32),
-        rows_per_shard=40,
-        splits=("train", "val"),
-    )
-    return out
 
 
 def train_cfg(bench: Path, storage_uri: str, name: str, *overrides: str) -> config.Config:

@@ -44,8 +44,12 @@ class EvalWorker:
     """One model on one device; evaluates shards of any task."""
 
     def __init__(self, checkpoint: str, data: EvalSet, cfg: EvalConfig, threads: int):
+        import os
+
         import torch
 
+        if cfg.yield_cpu:  # beside training on shared CPUs: the scheduler gives training the cores first
+            os.nice(19)
         torch.set_num_threads(threads)
         self.data = data
         self.evaluator = build_evaluator(checkpoint, data, cfg)

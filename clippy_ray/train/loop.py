@@ -133,6 +133,7 @@ def save_checkpoint(
             {**metrics, "step": state.step, "data_position": state.data_position},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"step_{state.step:08d}",
+            validation=bool(cfg.eval.during_training.data),  # evaluated as it lands (trainer.validation_config)
         )
 
 
@@ -331,6 +332,7 @@ def train_loop(loop_config: dict) -> None:
                 trained = []
         if metrics:
             progress.log(state.step, metrics)
+            progress.log_evaluations()  # eval.during_training: those that have landed, at their steps
         if checkpoint:
             save_checkpoint(engine, model, state, cfg, tokenizer, metrics, record, audit)
             progress.checkpoint(state.step, why)

@@ -4,13 +4,10 @@ same metrics go to W&B on world rank 0 only (offline unless configured otherwise
 
 from __future__ import annotations
 
-import os
-import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from clippy_ray import config, storage
+from clippy_ray import config, tracking
 
 
 def duration(seconds: float) -> str:
@@ -18,31 +15,6 @@ def duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def open_wandb(cfg: config.Config):
-    """The W&B run of `cfg.train.run_name` (resumed if it exists), offline unless configured."""
-    import wandb
-
-    wcfg = cfg.train.wandb
-    root = (
-        storage.join(cfg.train.storage, cfg.train.run_name)
-        if not storage.is_s3(cfg.train.storage)
-        else str(storage.cache_dir() / "wandb" / cfg.train.run_name)  # copied to the run's storage: sync_wandb
-    )
-    os.makedirs(root, exist_ok=True)
-    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", cfg.train.run_name)[:64]
-    return wandb.init(
-        project=wcfg.project,
-        group=wcfg.group,
-        name=cfg.train.run_name,
-        id=run_id,
-        resume="allow",
-        mode=wcfg.mode,
-        dir=root,
-        config=config.to_dict(cfg),
-        settings=wandb.Settings(console="off", silent=True),
-    )  # metrics are logged; don't echo
 
 
 _STEP_FIELDS = (
@@ -69,7 +41,7 @@ class Progress:
         self.window_start = self.started
         self.window_images = 0
         self.window_wait = 0.0
-        self.wandb = open_wandb(cfg) if enabled and cfg.train.wandb.mode != "disabled" else None
+        self.wandb = tracking.open_run(cfg) if enabled and cfg.train.wandb.mode != "disabled" else None
 
     def _send(self, kind: str, text: str, step: int, status: str = "") -> None:
         if self.enabled:
@@ -137,15 +109,19 @@ class Progress:
             self.wandb.log(metrics, step=step)
 
     def sync_wandb(self) -> None:
-        """With s3:// storage the W&B files are written on this node's disk, which an autoscaled node
-        takes with it: copy them to `<storage>/<run>/wandb/` (at each checkpoint and at the end)."""
-        if self.wandb is None or not storage.is_s3(self.cfg.train.storage):
-            return
-        local = Path(self.wandb.dir).parent  # wandb/<offline-run-...>/files -> the run's folder
-        storage.upload(local, storage.join(self.cfg.train.storage, self.cfg.train.run_name, "wandb", local.name))
+        if self.wandb is not None:
+            tracking.sync(self.wandb, self.cfg)
+
+    def log_evaluations(self) -> None:
+        """Log the evaluations of checkpoints (eval.during_training) that have landed since the last
+        call, against their checkpoint's step (W&B's `eval/step` axis)."""
+        if self.wandb is not None and self.cfg.eval.during_training.data:
+            tracking.log_evaluations(self.wandb, self.cfg, closing=False)
 
     def finish(self) -> None:
         self._send("done", f"training done in {duration(time.perf_counter() - self.started)}", self.total)
         if self.wandb is not None:
+            if self.cfg.eval.during_training.data:  # what landed; later ones the evaluation logs itself
+                tracking.log_evaluations(self.wandb, self.cfg, closing=True)
             self.wandb.finish()
             self.sync_wandb()

@@ -145,6 +145,27 @@ def check_data(cfg: config.Config) -> None:
             check_dataset(uri, field, cfg.data.image_column, cfg.data.caption_column)
 
 
+def check_eval_during_training(cfg: config.Config) -> None:
+    """eval.during_training.data (when set) can serve the tasks it names, with these settings."""
+    during = cfg.eval.during_training
+    if not during.data:
+        return
+    from clippy_ray.eval.datasets import open_eval_set
+    from clippy_ray.eval.evaluator import check_settings
+
+    storage.require(during.data, "eval.during_training.data", "give evaluation data that `clippy-ray eval` reads")
+    settings = cfg.eval.while_training()
+    data = open_eval_set(during.data, during.format, settings.rows_per_shard, settings.max_rows)
+    why = data.tasks_supported()
+    blocked = [f"{t} ({why[t]})" for t in settings.tasks if why[t]]
+    if blocked:
+        raise InputError(
+            f"eval.during_training.tasks: {during.data} cannot serve {'; '.join(blocked)}; name only tasks "
+            f"it supports: {', '.join(t for t in why if not why[t]) or 'none'}"
+        )
+    check_settings(settings, data)
+
+
 def check_storage(cfg: config.Config) -> None:
     """train.storage is a local folder (created when needed) or an s3:// bucket that exists."""
     storage.require_bucket(cfg.train.storage, "train.storage")
@@ -159,6 +180,7 @@ def check_inputs(cfg: config.Config, init_from: str | None = None, init_mode: st
     check_data(cfg)
     check_weights(cfg)
     check_storage(cfg)
+    check_eval_during_training(cfg)
     if init_from:
         check_init(init_from, init_mode)
 
@@ -231,6 +253,7 @@ def fit(
         resize_lines.append(WorkerCountLines(getattr(events, "queue", None), t.steps))
     trainer = TorchTrainer(
         train_loop,
+        validation_config=validation_config(cfg, getattr(events, "queue", None)),
         train_loop_config={
             # the workers' working directory is not the driver's: local paths go to them absolute
             "config": config.to_dict(config.absolute_paths(copy.deepcopy(cfg))),
@@ -259,6 +282,33 @@ def fit(
     )
     with events:
         return trainer.fit()
+
+
+def validation_config(cfg: config.Config, events=None):
+    """Ray Train's validation task for `eval.during_training`: the evaluator on each checkpoint the
+    run registers, on its own Ray actors (eval.during_training's resources), while training goes
+    on; tried once more when it fails or its process is killed. None when it is off."""
+    from ray.train import ValidationConfig, ValidationTaskConfig
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from clippy_ray.eval.curve import CheckpointEvaluator
+
+    during = cfg.eval.during_training
+    if not during.data:
+        return None
+    evaluator = CheckpointEvaluator(config.absolute_paths(copy.deepcopy(cfg)), events)
+    return ValidationConfig(
+        evaluator,
+        task_config=ValidationTaskConfig(timeout_s=during.timeout_s),
+        # the task only runs the evaluation's actors (which hold the resources), and retries once on
+        # an error or a lost process; outside the trial's placement group inside a Tune sweep
+        ray_remote_kwargs={
+            "num_cpus": 0,
+            "max_retries": 1,
+            "retry_exceptions": True,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
+        },
+    )
 
 
 def _write_resolved_config(cfg: config.Config) -> None:

@@ -33,7 +33,7 @@ def run_trial(params: dict, sweep: dict, trials: dict) -> None:
 
     from clippy_ray.eval import headline, run_eval
     from clippy_ray.model.handoff import HANDOFF_DIR
-    from clippy_ray.train.progress import open_wandb
+    from clippy_ray.tracking import open_run
     from clippy_ray.train.state import checkpoint_uri
     from clippy_ray.train.trainer import fit
 
@@ -53,7 +53,7 @@ def run_trial(params: dict, sweep: dict, trials: dict) -> None:
         numbers = headline(report["results"])
         final.update(numbers)
         if cfg.train.wandb.mode != "disabled":
-            run = open_wandb(cfg)
+            run = open_run(cfg)
             run.summary.update({f"eval/{k}": v for k, v in numbers.items()})
             run.finish()
     tune.report(final)
