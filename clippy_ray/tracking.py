@@ -53,32 +53,42 @@ def sync(run, cfg: config.Config) -> None:
     storage.upload(local, storage.join(cfg.train.storage, cfg.train.run_name, "wandb", local.name))
 
 
-def _logged(cfg: config.Config) -> dict:
-    path = storage.join(cfg.train.storage, cfg.train.run_name, LOGGED)
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else {"steps": [], "closed": False}
+def _read(cfg: config.Config, name: str, default: dict) -> dict:
+    try:
+        return json.loads(storage.read_bytes(storage.join(cfg.train.storage, cfg.train.run_name, name)))
+    except storage.StorageError:  # not written yet
+        return default
 
 
-def _new_evaluations(cfg: config.Config) -> tuple[dict, list[int], dict]:
-    """(the curve's points, the steps not logged yet, the record of what was)."""
-    curve = storage.join(cfg.train.storage, cfg.train.run_name, "eval", "curve.json")
-    points = json.loads(storage.read_bytes(curve)) if storage.exists(curve) else {}
-    record = _logged(cfg)
-    return points, sorted(int(s) for s in points if int(s) not in record["steps"]), record
+def _record(cfg: config.Config, record: dict) -> None:
+    storage.write_bytes(storage.join(cfg.train.storage, cfg.train.run_name, LOGGED), json.dumps(record).encode())
 
 
-def log_evaluations(run, cfg: config.Config, closing: bool, after_training: bool = False) -> list[int]:
-    """Log into `run` the evaluations in `<run>/eval/curve.json` not logged yet; `closing`: training's
-    rank 0 is about to finish its run. Returns the steps logged now. After training (a resumed
-    offline run starts its own step count again) each row goes at W&B step train.steps + its step,
-    past every training row; the charts use `eval/step` either way."""
-    points, new, record = _new_evaluations(cfg)
-    for step in new:
-        numbers = {"eval/step": step, **{f"eval/{k}": v for k, v in points[str(step)].items()}}
-        run.log(numbers, step=cfg.train.steps + step if after_training else None)
-    record = {"steps": sorted(record["steps"] + new), "closed": record["closed"] or closing}
-    if new or closing:
-        storage.write_bytes(storage.join(cfg.train.storage, cfg.train.run_name, LOGGED), json.dumps(record).encode())
+def log_evaluations(run, cfg: config.Config, step: int | None = None, limit: int | None = None) -> list[int]:
+    """Log into `run` the evaluations in `<run>/eval/curve.json` not logged yet (at most `limit`);
+    returns their steps. During training (`step`: training's current row) they go into that row
+    (commit=False: training's own log commits it), so W&B's step count never runs ahead of
+    training's; after training each goes at W&B step train.steps + its step, past every training
+    row (a resumed offline run counts its steps afresh). The charts use `eval/step` either way."""
+    points = _read(cfg, "eval/curve.json", {})
+    record = _read(cfg, LOGGED, {"steps": [], "closed": False})
+    new = sorted(int(s) for s in points if int(s) not in record["steps"])[:limit]
+    for at in new:
+        numbers = {"eval/step": at, **{f"eval/{k}": v for k, v in points[str(at)].items()}}
+        if step is None:
+            run.log(numbers, step=cfg.train.steps + at)
+        else:
+            run.log(numbers, step=step, commit=False)
+    if new:
+        _record(cfg, {**record, "steps": sorted(record["steps"] + new)})
     return new
+
+
+def close_training_run(run, cfg: config.Config) -> list[int]:
+    """Training's rank 0, before it finishes its W&B run: mark it closed first (an evaluation that
+    lands from then on logs itself), then log those that have landed."""
+    _record(cfg, {**_read(cfg, LOGGED, {"steps": []}), "closed": True})
+    return log_evaluations(run, cfg)
 
 
 def log_late_evaluations(cfg: config.Config) -> list[int]:
@@ -86,12 +96,13 @@ def log_late_evaluations(cfg: config.Config) -> list[int]:
     landed since (the last checkpoints'). Nothing while it is open (rank 0 logs them then)."""
     if cfg.train.wandb.mode == "disabled":
         return []
-    _, new, record = _new_evaluations(cfg)
-    if not record["closed"] or not new:
+    record = _read(cfg, LOGGED, {"steps": [], "closed": False})
+    points = _read(cfg, "eval/curve.json", {})
+    if not record["closed"] or not {int(s) for s in points} - set(record["steps"]):
         return []
     run = open_run(cfg)
     try:
-        return log_evaluations(run, cfg, closing=True, after_training=True)
+        return log_evaluations(run, cfg)
     finally:
         run.finish()
         sync(run, cfg)

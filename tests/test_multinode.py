@@ -110,7 +110,13 @@ def sweep_args(name: str, data: str, axes: str, *overrides: str) -> list[str]:
     """`jobs/tune.py` arguments: configs/ablation_demo.yaml (its base, configs/demo.yaml, from the
     working dir) with the tiny model on the benchmark rows in S3, results under s3://BUCKET/sweeps."""
     trial = tiny_run(
-        data, "data.val=null", "train.steps=2", "train.checkpoint_every=2", "train.log_every=1", *overrides
+        data,
+        "data.val=null",
+        "eval.during_training.data=null",  # configs/demo.yaml's curve data is a local folder
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        *overrides,
     )
     return [
         "--config",

@@ -203,6 +203,7 @@ def registered_checkpoints(run: str) -> list[str]:
     """The checkpoints Ray Train has registered for the run at `run` (kept by keep_checkpoints),
     through its public Result API, in step order; [] before the first."""
     from ray.train import Result
+    from ray.train.v2.api.exceptions import RayTrainError
 
     path, fs = storage.ray_storage(run)
     quiet = logging.getLogger("ray.train")  # Ray announces the snapshot it reads at INFO
@@ -211,6 +212,9 @@ def registered_checkpoints(run: str) -> list[str]:
     try:
         result = Result.from_path(path, storage_filesystem=fs)
     except RuntimeError:  # no run folder, or nothing registered yet
+        return []
+    except RayTrainError as err:  # read while keep_checkpoints removed a folder it names: look again later
+        logger.info("reading %s's checkpoints: %s", run, err)
         return []
     finally:
         quiet.setLevel(level)
@@ -227,16 +231,24 @@ def watch(
     data_format: str = "auto",
     emit: Callable[[str], None] = print,
     poll_s: float = 10.0,
+    idle_s: float | None = None,
 ) -> dict[int, dict]:
     """Follow a run (local or s3://): evaluate each checkpoint it registers that has no results
     under `out` (default `<run>/eval`), oldest first, until the checkpoint of `final_step` is done
-    (or failed twice). A failed evaluation is tried once more on the next look, then left. Returns
-    the curve."""
+    (or failed twice), or (`idle_s`) that long passes without a new checkpoint. A failed evaluation
+    is tried once more on the next look, then left. Returns the curve."""
     out = out or storage.join(run, "eval")
     emit(f"watching {run} for checkpoints (to step {final_step}); results in {out}")
+    seen, since = set(), time.time()
     while True:
         done = evaluated(out)
-        for checkpoint in registered_checkpoints(run):
+        registered = registered_checkpoints(run)
+        if set(registered) - seen:
+            seen, since = seen | set(registered), time.time()
+        elif idle_s is not None and time.time() - since > idle_s:
+            emit(f"no new checkpoint of {run} for {idle_s:.0f} s: stopped before step {final_step}")
+            return done
+        for checkpoint in registered:
             step = step_of(checkpoint)
             folder = storage.join(out, f"step_{step:08d}")
             if step in done or failed(_attempts(folder)) >= ATTEMPTS:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 
 import torch
@@ -153,6 +154,30 @@ def save(engine, folder: str) -> None:
         json.dump(index, f)
 
 
+def check_model(uri: str, index: dict, sizes: dict[str, int]) -> None:
+    """The checkpoint's optimizer state belongs to a model with exactly these parameters and sizes
+    ({name: numel}); a one-line error saying what differs and what to do otherwise (every rank
+    decides the same, before any collective)."""
+    saved = index["numel"]
+    missing, extra = sorted(set(sizes) - set(saved)), sorted(set(saved) - set(sizes))
+    resized = sorted(n for n in set(sizes) & set(saved) if sizes[n] != saved[n])
+    if missing or extra or resized:
+        what = "; ".join(
+            part
+            for part in (
+                f"not in the checkpoint: {missing[:3]}" if missing else "",
+                f"not in this model: {extra[:3]}" if extra else "",
+                f"other sizes: {[(n, saved[n], sizes[n]) for n in resized[:3]]} (saved, here)" if resized else "",
+            )
+            if part
+        )
+        raise InputError(
+            f"{uri}: its optimizer state is for another model ({what}); resume with the model config it was "
+            f"trained with (its config.yaml), or start a new run from its weights: --from {uri} --from-mode weights "
+            "train.run_name=NEW_NAME"
+        )
+
+
 def read_index(uri: str) -> dict:
     """The index of the checkpoint at `uri` (a one-line error naming it when it cannot be read)."""
     try:
@@ -161,6 +186,9 @@ def read_index(uri: str) -> dict:
         raise InputError(f"{uri}/{INDEX}: not valid JSON ({err}); the checkpoint is damaged") from None
     if index.get("format") != FORMAT:
         raise InputError(f"{uri}/{INDEX}: format {index.get('format')!r}; this clippy-ray reads format {FORMAT}")
+    bad = [f for f in index.get("files", {}) if not re.fullmatch(r"rank\d{5}\.safetensors", f)]
+    if bad:
+        raise InputError(f"{uri}/{INDEX}: names {bad[0]!r}, not a rank's file; the checkpoint is damaged")
     return index
 
 
@@ -197,7 +225,12 @@ class _Pieces:
         for first, count, file in self.where.get(name, []):
             lo, hi = max(first, start), min(first + count, start + numel)
             if lo < hi:
-                saved = self._tensors(file)[f"{kind}/{name}@{first}"]
+                saved = self._tensors(file).get(f"{kind}/{name}@{first}")
+                if saved is None or saved.numel() != count:
+                    raise InputError(
+                        f"{storage.join(self.uri, STATE_DIR, file)}: no {count} values of {kind}/{name}@{first} "
+                        "as its index says; the checkpoint is damaged"
+                    )
                 out[lo - start : hi - start] = saved[lo - first : hi - first]
                 covered += hi - lo
         if covered != numel:
@@ -214,13 +247,7 @@ def load(engine, uri: str, index: dict | None = None) -> int:
     engine's counters, and make the module's weights the new masters. Returns the bytes this rank
     read. Collective: every rank calls it, after deepspeed.initialize."""
     index = index or read_index(uri)
-    names = {n for n, _ in engine.module.named_parameters()}
-    if set(index["numel"]) != names:
-        missing, extra = sorted(names - set(index["numel"])), sorted(set(index["numel"]) - names)
-        raise InputError(
-            f"{uri}: its optimizer state is for another model (parameters missing: {missing[:3]}, not in "
-            f"this model: {extra[:3]}); start a new run from its weights with --from {uri} --from-mode weights"
-        )
+    check_model(uri, index, {n: int(getattr(p, "ds_numel", p.numel())) for n, p in engine.module.named_parameters()})
     opt, kind = engine.optimizer, _optimizer_kind(engine)
     inner = inner_optimizer(engine)
     if len(index["param_groups"]) != len(inner.param_groups):

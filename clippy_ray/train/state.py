@@ -81,6 +81,7 @@ def latest_checkpoint(cfg: config.Config) -> str | None:
     calls the factory at each start of the worker group, before it hands them the checkpoint and
     with no report registered in between."""
     from ray.train import Result
+    from ray.train.v2.api.exceptions import RayTrainError
 
     path, fs = storage.ray_storage(cfg.train.storage)
     run = f"{path.rstrip('/')}/{cfg.train.run_name}"
@@ -93,6 +94,12 @@ def latest_checkpoint(cfg: config.Config) -> str | None:
         result = Result.from_path(run, storage_filesystem=fs)
     except RuntimeError:  # no run folder, or no checkpoint registered yet
         return None
+    except RayTrainError as err:  # its record names a checkpoint folder that is gone
+        raise InputError(
+            f"{storage.join(cfg.train.storage, cfg.train.run_name)}: Ray's record of the run's checkpoints cannot be "
+            f"read ({str(err).strip().splitlines()[0]}); put the missing checkpoint folders back, or start afresh "
+            "with another train.run_name"
+        ) from None
     finally:
         quiet.setLevel(level)
     return checkpoint_uri(cfg, result.checkpoint)

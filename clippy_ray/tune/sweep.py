@@ -92,9 +92,9 @@ def check_inputs(sweep: SweepConfig, trials: list[config.Config]) -> None:
     """On the driver, before any Ray work, what the trials will read, as `train` checks it: every
     trial's data (each distinct dataset once), weights (the inits the grid names, read as tensors
     only) and storage bucket, and the evaluation data. The first problem is one line."""
-    from clippy_ray.train.trainer import check_data, check_storage, check_weights
+    from clippy_ray.train.trainer import check_data, check_eval_during_training, check_storage, check_weights
 
-    datasets, weights = set(), set()
+    datasets, weights, curves = set(), set(), set()
     for trial in trials:
         d, m = trial.data, trial.model
         if (d.train, d.val, d.image_column, d.caption_column) not in datasets:
@@ -103,6 +103,10 @@ def check_inputs(sweep: SweepConfig, trials: list[config.Config]) -> None:
         if (m.image.pretrained, m.text.pretrained, m.text.tokenizer) not in weights:
             weights.add((m.image.pretrained, m.text.pretrained, m.text.tokenizer))
             check_weights(trial)
+        during = trial.eval.during_training
+        if (during.data, tuple(during.tasks), during.max_rows) not in curves:
+            curves.add((during.data, tuple(during.tasks), during.max_rows))
+            check_eval_during_training(trial)
     check_storage(trials[0])
     if sweep.eval_data:
         storage.require(sweep.eval_data, "eval_data", "upload the evaluation data or fix the URI")
