@@ -110,10 +110,19 @@ def cmd_data_make_benchmark(args: argparse.Namespace) -> int:
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from clippy_ray.data.commands import inspect
 
-    report = inspect(args.uri, args.image_column, args.caption_column, args.sample)
-    print(f"{report['uri']}: {report['rows']} rows in {report['files']} files")
-    print("columns: " + ", ".join(f"{k} ({v})" for k, v in report["columns"].items()))
-    print(f"images decoded: {report['decoded']} of the first {report['sampled']}")
+    report = inspect(args.uri, args.image_column, args.caption_column, args.sample, args.format)
+    print(f"detected {report['detected']}")
+    unit = "rows in" if report["format"] == "parquet" else "samples in"
+    shards = "files" if report["format"] == "parquet" else "shards"
+    print(f"{report['uri']}: {report['rows']} {unit} {report['files']} {shards} (counted from {report['counted']})")
+    if report["columns"]:
+        print("columns: " + ", ".join(f"{k} ({v})" for k, v in report["columns"].items()))
+    bad = ", ".join(f"{n} {why}" for why, n in report["bad"].items())
+    print(
+        f"images decoded: {report['decoded']} of the first {report['sampled']}" + (f"; skipped: {bad}" if bad else "")
+    )
+    if report["image_size"]:
+        print(f"first image: {report['image_size'][0]} x {report['image_size'][1]} px")
     for caption in report["captions"]:
         print(f"  caption: {caption}")
     return 0
@@ -121,14 +130,21 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from clippy_ray import storage
-    from clippy_ray.data.commands import convert
+    from clippy_ray.data.commands import convert, convert_dataset
 
-    storage.require(args.index, "--index")
+    if bool(args.index) == bool(args.data):
+        raise UserError("data convert: give --index (a CSV/TSV of image paths) or --data (a dataset), not both")
+    storage.require(args.index or args.data, "--index" if args.index else "--data")
     storage.require_bucket(args.out, "--out")
     with _ray_session(args, None):
-        report = convert(
-            args.index, args.out, args.image_root, args.rows_per_shard, args.path_column, args.caption_column
-        )
+        if args.data:
+            report = convert_dataset(
+                args.data, args.out, args.rows_per_shard, args.format, args.image_column, args.caption_column
+            )
+        else:
+            report = convert(
+                args.index, args.out, args.image_root, args.rows_per_shard, args.path_column, args.caption_column
+            )
     print(
         f"{report['index']}: {report['rows']} rows -> {report['written']} written to {report['out']}, "
         f"{report['skipped']} skipped (missing or undecodable image, or empty caption)"
@@ -233,13 +249,18 @@ def _watch(args: argparse.Namespace) -> int:
     eval_data = config.merge(config.merge(run_cfg.get("eval") or {}, extra.get("eval", {})), flags)
     cfg = config.from_dict({"eval": {k: v for k, v in eval_data.items() if v is not None}}).eval
     final = int((run_cfg.get("train") or {}).get("steps", config.TrainConfig().steps))
+    if not args.out and ((run_cfg.get("eval") or {}).get("during_training") or {}).get("data"):
+        raise UserError(
+            f"--watch {args.watch}: the run evaluates its checkpoints into {args.watch}/eval itself "
+            "(eval.during_training); give --out for this evaluation's results"
+        )
     if args.out:
         storage.require_bucket(args.out, "--out")
     data = open_eval_set(args.data, args.format, cfg.rows_per_shard, cfg.max_rows, args.classes)
     choose_tasks(data, cfg.tasks, args.tasks is not None)  # before Ray starts
     check_settings(cfg, data)
     with _ray_session(args, args.out or storage.join(args.watch, "eval")) as console:
-        curve = watch(args.watch, data, cfg, final, args.out, args.format, console.line, args.poll)
+        curve = watch(args.watch, data, cfg, final, args.out, args.format, console.line, args.poll, args.idle_timeout)
         console.line(f"watched {args.watch} to step {final}: {len(curve)} checkpoints evaluated")
     return 0
 
@@ -339,9 +360,15 @@ def _add_data_parser(sub) -> None:
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--sample", type=int, default=256, help="images to try decoding")
+    p.add_argument("--format", default="auto", help="auto | parquet | webdataset | files (default: detected)")
     p.set_defaults(func=cmd_data_inspect)
     p = dsub.add_parser("convert", help="images + a CSV/TSV index (path, caption) -> sharded parquet")
-    p.add_argument("--index", required=True, help="CSV or .tsv with a header naming the path and caption columns")
+    p.add_argument("--index", help="CSV or .tsv with a header naming the path and caption columns")
+    p.add_argument(
+        "--data", help="instead of --index: a dataset in any format training reads (WebDataset, img2dataset output)"
+    )
+    p.add_argument("--format", default="auto", help="--data: auto | parquet | webdataset | files")
+    p.add_argument("--image-column", default="image", help="--data: parquet image column (img2dataset's jpg is found)")
     p.add_argument("--out", required=True, help="output URI (an empty folder or s3 prefix)")
     p.add_argument("--image-root", default=None, help="folder the paths are relative to (default: the index's)")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
@@ -395,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         "last step's (results in RUN/eval unless --out)",
     )
     p.add_argument("--poll", type=float, default=10.0, help="--watch: seconds between looks at the run")
+    p.add_argument("--idle-timeout", type=float, help="--watch: stop after this many seconds without a new checkpoint")
     p.add_argument("--data", required=True, help="benchmark root, VOC / ADE20K / Waterbirds folder, or parquet")
     p.add_argument("--tasks", help="comma-separated: cls,seg,unsup,robust (default: eval.tasks)")
     p.add_argument("--out", help="where results.json, results.md and pictures go (local or s3://)")

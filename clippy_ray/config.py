@@ -130,12 +130,19 @@ class LossConfig:
         return errors
 
 
+DATA_FORMATS = ("auto", "parquet", "webdataset", "files")
+
+
 @dataclass
 class DataConfig:
-    train: str | None = None  # parquet file or folder URI (local or s3://)
+    train: str | None = None  # parquet, WebDataset .tar shards or img2dataset output: a file, folder or
+    #                           prefix (local or s3://), or a shard list: s3://b/{00000..01023}.tar::...
     val: str | None = None
-    image_column: str = "image"  # encoded bytes, or an HF datasets {bytes, path} struct
-    caption_column: str = "caption"
+    format: str = "auto"  # auto (detected, one line says what) | parquet | webdataset | files
+    image_column: str = "image"  # parquet: encoded bytes, or an HF datasets {bytes, path} struct
+    #                              (img2dataset's `jpg` is found when `image` is not there)
+    caption_column: str = "caption"  # parquet: the column; WebDataset / files: the json field read
+    #                                  when a sample has no txt member
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (0: off)
     seed: int = 0  # file order (per epoch) and the local shuffle are seeded from this
     min_crop_scale: float = 0.5  # random resized crop area range [min_crop_scale, 1]
@@ -150,6 +157,8 @@ class DataConfig:
 
     def check(self, path: str) -> list[str]:
         errors = out_of_range(path, self, ">= 0", ("shuffle_buffer", "read_tasks"))
+        if self.format not in DATA_FORMATS:
+            errors.append(f"{path}.format: {self.format!r} is not one of {', '.join(DATA_FORMATS)}")
         if not 0 < self.min_crop_scale <= 1:
             errors.append(f"{path}.min_crop_scale: {self.min_crop_scale} must be in (0, 1]")
         errors += out_of_range(path, self, ">= 1", ("decode_batch_size", "block_mib"))
@@ -553,9 +562,11 @@ def load(path: str | None = None, overrides: list[str] | None = None, cls: type 
 
 
 def absolute_uri(uri: str | None) -> str | None:
-    if not uri or "://" in uri or uri == "byte":
+    if not uri or uri == "byte":
         return uri
-    return os.path.abspath(uri)
+    if "::" in uri:  # a WebDataset shard list: each part
+        return "::".join(absolute_uri(part) for part in uri.split("::"))
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def absolute_paths(cfg: Config) -> Config:

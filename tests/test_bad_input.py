@@ -173,7 +173,8 @@ CASES = [
     # data
     ("data-inspect-missing", ["data", "inspect", "{tmp}/nope"], "{tmp}/nope: no such file or folder; check the path"),
     ("data-inspect-not-parquet", ["data", "inspect", "{tmp}/notparquet"],
-     f"{{tmp}}/notparquet: not parquet ({NOT_PARQUET}); give a parquet file or a folder of them"),
+     f"{{tmp}}/notparquet: {{tmp}}/notparquet/fake.parquet is not a parquet file ({NOT_PARQUET}); "
+     "convert it with `clippy-ray data convert` or remove it"),
     ("data-convert-index-missing", ["data", "convert", "--index", "{tmp}/nope.tsv", "--out", "{tmp}/converted"],
      "--index={tmp}/nope.tsv: no such file or folder; check the path"),
     ("data-benchmark-color-p", ["data", "make-benchmark", "--out", "{tmp}/b", "--rows", "8", "--color-p", "60"],
@@ -183,8 +184,9 @@ CASES = [
     ("data-missing", ["train", "data.train={tmp}/nope", STORE],
      "data.train={tmp}/nope: no such file or folder; check the path"),
     ("data-no-parquet-files", ["train", "data.train={tmp}/textonly", STORE],
-     "data.train={tmp}/textonly: no .parquet files there (found 1 other files, e.g. notes.txt); point data.train at "
-     "a parquet file or a folder of them"),
+     "data.train={tmp}/textonly: no parquet, .tar shards or image files there (found 1 other files, e.g. notes.txt); "
+     "point data.train at parquet, WebDataset .tar shards or img2dataset output (`clippy-ray data convert` turns a "
+     "TSV of image paths into parquet)"),
     ("data-not-parquet", ["train", "data.train={tmp}/notparquet", STORE],
      f"data.train={{tmp}}/notparquet: {{tmp}}/notparquet/fake.parquet is not a parquet file ({NOT_PARQUET}); "
      "convert it with `clippy-ray data convert` or remove it"),

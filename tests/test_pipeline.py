@@ -13,6 +13,7 @@ from clippy_ray import storage
 from clippy_ray.config import DataConfig, TextConfig
 from clippy_ray.data import benchmark as bm
 from clippy_ray.data.commands import convert, inspect, make_benchmark
+from clippy_ray.data.formats import detect
 from clippy_ray.data.pipeline import BatchStream, build_dataset
 from clippy_ray.data.plan import DataFile, RepeatedRows, TrainedRows, list_files, pieces
 from clippy_ray.data.schema import DataSchemaError, check_dataset
@@ -27,6 +28,9 @@ def png(color=(10, 200, 30), size=(40, 30)) -> bytes:
     return buf.getvalue()
 
 
+NONE_SKIPPED = {f"skipped_{r}": 0 for r in ("no_image", "no_caption", "undecodable_image", "unreadable_shard")}
+
+
 def all_batches(ds, batch_size, **kw):
     stream = BatchStream(ds, batch_size, **kw)
     return list(stream.epoch(0)), stream
@@ -37,7 +41,12 @@ def test_benchmark_round_trips_through_s3_into_ray_data_batches(ray_local, bucke
     assert storage.exists(f"s3://{bucket}/bench/benchmark.json")
     ds = build_dataset(f"s3://{bucket}/bench/train", DataConfig(decode_batch_size=8), TEXT, image_size=32, train=True)
     batches, stream = all_batches(ds, 16)
-    assert len(batches) == 2 and stream.counters() == {"rows_seen": 40, "rows_skipped": 0, "rows_dropped": 8}
+    assert len(batches) == 2 and stream.counters() == {
+        "rows_seen": 40,
+        "rows_skipped": 0,
+        "rows_dropped": 8,
+        **NONE_SKIPPED,
+    }
     batch = batches[0]
     assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.uint8
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (16, 24)
@@ -70,7 +79,9 @@ def test_ten_percent_corrupt_images_yield_exactly_the_good_rows_and_count_the_ba
     pq.write_table(pa.table({"image": images, "caption": [f"row {i}" for i in range(n)]}), tmp_path / "c.parquet")
     ds = build_dataset(str(tmp_path / "c.parquet"), DataConfig(decode_batch_size=7), TEXT, image_size=8, train=False)
     batches, stream = all_batches(ds, 9)
-    assert stream.counters() == {"rows_seen": 50, "rows_skipped": 5, "rows_dropped": 0}
+    assert stream.counters() == {
+        "rows_seen": 50, "rows_skipped": 5, "rows_dropped": 0, **NONE_SKIPPED, "skipped_undecodable_image": 5
+    }  # fmt: skip
     got = sorted(int(b["image"][i, 0, 4, 4]) for b in batches for i in range(9))
     assert got == sorted(i for i in range(n) if i not in bad)
 
@@ -81,6 +92,7 @@ def test_empty_and_missing_captions_and_missing_images_are_skipped_and_counted(r
     ds = build_dataset(str(tmp_path / "m.parquet"), DataConfig(), TEXT, image_size=8, train=True)
     batches, stream = all_batches(ds, 1)
     assert len(batches) == 1 and stream.rows_skipped == 3
+    assert stream.skipped == {"no image": 1, "no caption": 2, "undecodable image": 0, "unreadable shard": 0}
 
 
 def test_wrong_schema_fails_at_start_with_one_line_listing_the_columns(tmp_path):
@@ -167,7 +179,7 @@ def test_a_stream_started_at_a_position_reads_only_what_comes_after_it(ray_local
     cfg = DataConfig(block_mib=1)
 
     def read(spans) -> list:
-        rows = read_plan(pieces(files, 3, spans), ["image", "caption"], cfg).iter_rows()
+        rows = read_plan(pieces(files, 3, spans), detect(str(tmp_path / "d"), "data"), cfg).iter_rows()
         return sorted((int(r["position"]), r["caption"]) for r in rows)
 
     full = read([(0, 400)])
@@ -209,7 +221,8 @@ def test_batch_stream_yields_each_valid_row_once_and_shuffles_within_its_buffer(
             assert stream._pinned <= 2 * fill + 10  # pinned blocks bounded (+ the block just added)
             epoch0.append(batch["id"].tolist())
         ids = [i for b in epoch0 for i in b]
-        assert stream.counters() == {"rows_seen": 200, "rows_skipped": 200 - len(valid), "rows_dropped": len(valid) % 4}
+        counts = {"rows_seen": 200, "rows_skipped": 200 - len(valid), "rows_dropped": len(valid) % 4}
+        assert stream.counters() == counts | NONE_SKIPPED  # (these blocks carry no reasons)
         assert len(set(ids)) == len(ids) and set(ids) <= set(valid) and len(ids) == len(valid) // 4 * 4
         if not shuffle_buffer:
             assert ids == valid[: len(ids)]
@@ -229,6 +242,7 @@ def test_inspect_reports_rows_columns_captions_and_decodable_images(tmp_path):
     report = inspect(str(tmp_path / "i.parquet"))
     assert report["rows"] == 3 and report["decoded"] == 2 and report["captions"] == ["a", "b", "c"]
     assert report["columns"] == {"image": "binary", "caption": "string"}
+    assert report["bad"] == {"undecodable image": 1} and report["image_size"] == [40, 30]
 
 
 def test_convert_folder_with_csv_index_to_sharded_parquet_on_s3(ray_local, tmp_path, bucket):

@@ -17,7 +17,7 @@ import ray
 
 from clippy_ray import storage
 from clippy_ray.data import benchmark
-from clippy_ray.data.schema import check_columns, image_bytes
+from clippy_ray.data.schema import image_bytes
 from clippy_ray.data.transforms import open_rgb
 from clippy_ray.errors import InputError
 
@@ -110,29 +110,67 @@ def parquet_size(uri: str) -> tuple[int, int]:
     return ds.count_rows(), len(ds.files)
 
 
-def inspect(uri: str, image_column: str = "image", caption_column: str = "caption", sample: int = 256) -> dict:
-    """Row count (from parquet metadata), columns, a few captions, and how many of the first
-    `sample` images decode."""
-    ds = _parquet_dataset(uri)
-    check_columns(ds.schema, uri, image_column, caption_column, "--image-column", "--caption-column")
-    head = ds.head(sample, columns=[image_column, caption_column])
-    decoded = 0
-    for value in head.column(image_column).to_pylist():
-        data = image_bytes(value)
-        try:
-            if data is not None:
-                open_rgb(data)
+def inspect(
+    uri: str, image_column: str = "image", caption_column: str = "caption", sample: int = 256, fmt: str = "auto"
+) -> dict:
+    """What is at `uri` in any format the pipeline reads: the layout detected (one line), shards,
+    samples (parquet: from the footers; tars: sizes.json / img2dataset's stats, else by reading
+    them), a few captions, the first image's size, and of the first `sample` samples how many
+    decode and why the others cannot be used."""
+    from clippy_ray.data.formats import check, detect, shard_sizes
+    from clippy_ray.data.pipeline import SKIP_REASONS, _read_pieces
+    from clippy_ray.data.plan import DataFile, list_files, pieces
+
+    layout = detect(uri, None, fmt, image_column, caption_column)
+    check(layout, None, uri)
+    if layout.format == "parquet":
+        ds = _parquet_dataset(uri)
+        columns = {f.name: str(f.type) for f in ds.schema}
+        files, counted = list_files(uri, layout), "parquet footers"
+    else:
+        sizes, counted = shard_sizes(layout)
+        files, columns = [DataFile(s, n, 0) for s, n in zip(layout.shards, sizes)], {}
+    total = sum(f.rows for f in files)
+    plan = pieces(files, 0, [(0, min(sample, total))], shuffle=False)
+    reasons = dict.fromkeys(SKIP_REASONS[1:], 0)
+    captions, size, decoded, sampled = [], None, 0, 0
+    for piece in plan:
+        batch = {"uri": [piece.uri], "ranges": [json.dumps(piece.ranges)], "base": [piece.base], "size": [piece.size]}
+        columns_read = [layout.image_column, layout.caption_column]
+        for table in _read_pieces(batch, columns_read, 2**26, layout.format, layout.caption_column):
+            rows = table.to_pylist()
+            for row in rows:
+                sampled += 1
+                caption = row["caption"].strip() if isinstance(row["caption"], str) else ""
+                if caption and len(captions) < 5:
+                    captions.append(caption)
+                data = image_bytes(row["image"])
+                if row.get("skip"):
+                    reasons[SKIP_REASONS[-1]] += 1
+                    continue
+                if data is None or not caption:
+                    reasons["no image" if data is None else "no caption"] += 1
+                    continue
+                try:
+                    image = open_rgb(data)
+                except Exception:  # noqa: BLE001 - counting undecodable images is the point
+                    reasons["undecodable image"] += 1
+                    continue
                 decoded += 1
-        except Exception:  # noqa: BLE001 - counting undecodable images is the point
-            pass
+                size = size or image.size
     return {
         "uri": uri,
-        "files": len(ds.files),
-        "rows": ds.count_rows(),
-        "columns": {f.name: str(f.type) for f in ds.schema},
-        "captions": head.column(caption_column).to_pylist()[:5],
-        "sampled": head.num_rows,
+        "format": layout.format,
+        "detected": layout.note,
+        "files": len(files),
+        "rows": total,
+        "counted": counted,
+        "columns": columns,
+        "captions": captions,
+        "image_size": list(size) if size else None,
+        "sampled": sampled,
         "decoded": decoded,
+        "bad": {k: v for k, v in reasons.items() if v},
     }
 
 
@@ -199,3 +237,67 @@ def convert(
     good.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard)
     written = _parquet_dataset(out).count_rows()
     return {"index": index, "out": out, "rows": total, "written": written, "skipped": total - written}
+
+
+def _usable(batch: dict[str, np.ndarray]) -> dict:
+    """The samples whose image opens and whose caption is non-empty, as parquet rows (key = data
+    position); the others are left out and counted by `convert_dataset`."""
+    from PIL import Image
+
+    keys, images, captions = [], [], []
+    skips = batch.get("skip")
+    for i, (position, data, caption) in enumerate(zip(batch["position"], batch["image"], batch["caption"])):
+        data = image_bytes(data)
+        if (skips is not None and skips[i]) or data is None or not isinstance(caption, str) or not caption.strip():
+            continue
+        try:
+            Image.open(io.BytesIO(data)).verify()  # header check: corrupt files are left out here
+        except Exception:  # noqa: BLE001 - undecodable image: skipped and counted
+            continue
+        keys.append(str(position))
+        images.append(data)
+        captions.append(caption.strip())
+    return {
+        "key": np.asarray(keys, dtype=object),
+        "image": np.asarray(images, dtype=object),
+        "caption": np.asarray(captions, dtype=object),
+    }
+
+
+def convert_dataset(
+    data: str,
+    out: str,
+    rows_per_shard: int = 10_000,
+    fmt: str = "auto",
+    image_column: str = "image",
+    caption_column: str = "caption",
+    read_tasks: int = 0,
+) -> dict:
+    """Any layout the pipeline reads (WebDataset shards, img2dataset parquet or files, parquet) ->
+    parquet shards of about `rows_per_shard` rows (`key`, `image`, `caption`) under `out`, through
+    the training pipeline's own readers. Samples without an image or caption, with an undecodable
+    image, or lost in an unreadable shard are skipped and counted."""
+    from clippy_ray.config import DataConfig
+    from clippy_ray.data.formats import check, detect
+    from clippy_ray.data.pipeline import read_plan
+    from clippy_ray.data.plan import list_files, pieces
+
+    layout = detect(data, "--data", fmt, image_column, caption_column)
+    check(layout, "--data", data)
+    out_fs, out_path = storage.resolve(out)
+    if storage.exists(out) and out_fs.get_file_info(pa.fs.FileSelector(out_path, recursive=True)):
+        raise InputError(f"{out}: not empty; convert writes into an empty location")
+    files = list_files(data, layout)
+    total = sum(f.rows for f in files)
+    ds = read_plan(pieces(files, 0, [(0, total)], shuffle=False), layout, DataConfig(read_tasks=read_tasks))
+    good = ds.map_batches(_usable, batch_format="numpy", batch_size=256)
+    good.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard)
+    written = _parquet_dataset(out).count_rows() if storage.exists(out) else 0
+    return {
+        "index": data,
+        "format": layout.format,
+        "out": out,
+        "rows": total,
+        "written": written,
+        "skipped": total - written,
+    }

@@ -1,9 +1,10 @@
 """The order a run reads its data in, and the record of what it trained on, as plain numbers.
 
-A run's rows are numbered by *data position*: epoch after epoch, each epoch reads every parquet
-file once, in an order seeded by (seed, epoch), so position p is row p - first(file) of the file
-the epoch's order puts at p. The files of a run are fixed by its manifest (listed once, stored
-with the run: rows added to the prefix later do not move a position).
+A run's rows are numbered by *data position*: epoch after epoch, each epoch reads every shard
+(parquet file, WebDataset tar, files folder: `clippy_ray.data.formats`) once, in an order seeded
+by (seed, epoch), so position p is sample p - first(shard) of the shard the epoch's order puts
+at p. The shards of a run are fixed by its manifest (listed and counted once, stored with the
+run: data added to the prefix later does not move a position).
 
 `TrainedRows` records exactly which positions a run has consumed (trained on, or skipped as bad):
 every position below `low`, and a bitmap of those in [low, high). Readers run in parallel and
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clippy_ray import storage
-from clippy_ray.data.schema import parquet_files
+from clippy_ray.data.formats import Layout, detect, shard_sizes
 
 
 @dataclass(frozen=True)
@@ -37,22 +38,28 @@ class DataFile:
 @dataclass(frozen=True)
 class Piece:
     """The rows of one file one read task reads: `ranges`, ascending and disjoint [start, stop)
-    row ranges; row r of the file is at data position `base + r`."""
+    row ranges; row r of the file is at data position `base + r`; `size`: the file's rows."""
 
     uri: str
     ranges: tuple[tuple[int, int], ...]
     base: int
+    size: int = 0
 
     @property
     def rows(self) -> int:
         return sum(stop - start for start, stop in self.ranges)
 
 
-def list_files(uri: str) -> list[DataFile]:
-    """The .parquet files at `uri` (a file or a folder / prefix), sorted, with their row counts
-    from the footers (no row is read)."""
+def list_files(uri: str, layout: Layout | None = None, problems: list[str] | None = None) -> list[DataFile]:
+    """The shards at `uri` in order, with their sample counts: parquet files (rows from the
+    footers, no row read), WebDataset tars or files folders (`formats.shard_sizes`; a shard found
+    unreadable while counted goes into `problems`)."""
+    layout = layout or detect(uri, "data")
+    if layout.format != "parquet":
+        sizes, _ = shard_sizes(layout, problems)
+        return [DataFile(s, n, 0) for s, n in zip(layout.shards, sizes)]
     out = []
-    for f in sorted(parquet_files(uri, storage.list_files(uri))):
+    for f in layout.shards:
         fs, path = storage.resolve(f)
         try:
             with fs.open_input_file(path) as handle:
@@ -64,12 +71,31 @@ def list_files(uri: str) -> list[DataFile]:
     return out
 
 
-def dump_manifest(files: list[DataFile]) -> bytes:
-    return json.dumps({"files": [asdict(f) for f in files]}, indent=1).encode()
+def dump_manifest(files: list[DataFile], layout: Layout | None = None) -> bytes:
+    columns = {}
+    if layout is not None:
+        columns = {
+            "format": layout.format,
+            "image_column": layout.image_column,
+            "caption_column": layout.caption_column,
+        }
+    return json.dumps({**columns, "files": [asdict(f) for f in files]}, indent=1).encode()
 
 
-def load_manifest(data: bytes) -> list[DataFile]:
-    return [DataFile(**f) for f in json.loads(data)["files"]]
+def load_manifest(data: bytes) -> tuple[list[DataFile], Layout | None]:
+    """(the files, the layout they were listed with; None in a manifest written before formats)."""
+    manifest = json.loads(data)
+    files = [DataFile(**f) for f in manifest["files"]]
+    if "format" not in manifest:
+        return files, None
+    layout = Layout(
+        manifest["format"],
+        tuple(f.uri for f in files),
+        manifest["image_column"],
+        manifest["caption_column"],
+        f"{manifest['format']}, {len(files)} shard(s) (the run's manifest)",
+    )
+    return files, layout
 
 
 def epoch_order(files: list[DataFile], seed: int, epoch: int, shuffle: bool = True) -> list[DataFile]:
@@ -102,9 +128,9 @@ def pieces(files: list[DataFile], seed: int, spans: list[tuple[int, int]], shuff
             j = k
             while j < len(spans) and spans[j][0] < hi:
                 ranges.append((max(spans[j][0], lo) - lo, min(spans[j][1], hi) - lo))
-                j += 1
+                j += 1  # (a file of no rows has lo == hi and gets none)
             if ranges:
-                out.append(Piece(f.uri, tuple(ranges), lo))
+                out.append(Piece(f.uri, tuple(ranges), lo, f.rows))
             if k == len(spans):
                 break
         epoch += 1
@@ -155,9 +181,11 @@ class TrainedRows:
         if not len(positions):
             return
         unique, counts = np.unique(positions, return_counts=True)
+        if unique[0] < 0:
+            raise ValueError(f"negative data positions: {unique[unique < 0][:5].tolist()}")
         repeated = np.union1d(unique[counts > 1], unique[self.contains(unique)])
-        if len(repeated) or unique[0] < 0:
-            raise RepeatedRows(repeated if len(repeated) else unique[unique < 0])
+        if len(repeated):
+            raise RepeatedRows(repeated)
         top = int(unique[-1]) + 1
         if top > self.high:
             self.bits = np.concatenate([self.bits, np.zeros(top - self.high, bool)])

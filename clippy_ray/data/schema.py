@@ -8,9 +8,7 @@ configurable). Optional: key, mask (PNG label map), instance_mask, labels, backg
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from clippy_ray import storage
 from clippy_ray.errors import UserError
 
 
@@ -74,27 +72,13 @@ def parquet_files(uri: str, files: list[str]) -> list[str]:
     return files if len(files) == 1 and files[0] == uri else [f for f in files if f.endswith(".parquet")]
 
 
-def check_dataset(uri: str, field: str, image_column: str, caption_column: str) -> None:
-    """Driver side, before any Ray work: `uri` (a parquet file or a folder / prefix of them) is
-    there, holds .parquet files, the first of which is parquet (its footer is read) with usable
-    image and caption columns. One line names `field=uri` and what is wrong."""
-    files = storage.list_files(uri, field)
-    parquet = parquet_files(uri, files)
-    if not parquet:
-        seen = f" (found {len(files)} other files, e.g. {files[0].rsplit('/', 1)[-1]})" if files else " (it is empty)"
-        raise DataSchemaError(
-            f"{field}={uri}: no .parquet files there{seen}; point {field} at a parquet file or a folder of them"
-        )
-    fs, path = storage.resolve(parquet[0])
-    try:
-        with fs.open_input_file(path) as handle:
-            schema = pq.read_schema(handle)
-    except pa.ArrowInvalid as err:
-        reason = str(err).strip().splitlines()[0]
-        raise DataSchemaError(
-            f"{field}={uri}: {parquet[0]} is not a parquet file ({reason}); convert it with "
-            "`clippy-ray data convert` or remove it"
-        ) from None
-    except OSError as err:
-        raise storage.describe(parquet[0], err) from None
-    check_columns(schema, uri, image_column, caption_column)
+def check_dataset(uri: str, field: str, image_column: str, caption_column: str, fmt: str = "auto") -> str:
+    """Driver side, before any Ray work: `uri` holds data of a format the pipeline reads (parquet
+    with usable image and caption columns, WebDataset shards or img2dataset files whose first
+    samples have an image and a caption). One line names `field=uri` and what is wrong; returns
+    the line saying what was detected."""
+    from clippy_ray.data.formats import check, detect
+
+    layout = detect(uri, field, fmt, image_column, caption_column)
+    check(layout, field, uri)
+    return layout.note

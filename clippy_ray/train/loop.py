@@ -34,6 +34,10 @@ from clippy_ray.train.state import (
     saved_precision,
 )
 
+# Steps between looks for a drain notice (one collective through Ray each): a spot notice comes 2
+# minutes ahead, which this leaves for the checkpoint unless a step takes over 10 s.
+DRAIN_CHECK_EVERY = 5
+
 
 def _all_true(flag: bool, device: torch.device) -> bool:
     """True on every rank iff true on every rank. Ranks can hold different numbers of batches (bad
@@ -155,6 +159,13 @@ def _gather(mine: np.ndarray) -> np.ndarray | None:
     every = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, every, dst=0)
     return np.concatenate(every) if every is not None else None
+
+
+def _gather_lines(mine: list[str]) -> list[str]:
+    """Every rank's lines, on rank 0 (none elsewhere), each once."""
+    every = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, every, dst=0)
+    return list(dict.fromkeys(line for lines in every or [] for line in lines))
 
 
 def _resume_lines(state: TrainState, saved: dict, t: config.TrainConfig, bytes_read: int, rows_per_epoch: int, device):
@@ -279,11 +290,12 @@ def train_loop(loop_config: dict) -> None:
         wait_start = time.perf_counter()
         ok, batch = _next_batch(batches, device)
         if not ok:
-            counts = _mean_over_ranks(stream.counters(), device, total=("rows_seen", "rows_skipped", "rows_dropped"))
+            counts = _mean_over_ranks(stream.counters(), device, total=tuple(stream.counters()))
+            why = ", ".join(f"{counts[k]:.0f} {k[8:].replace('_', ' ')}" for k in counts if k.startswith("skipped_"))
             raise RuntimeError(
                 f"data.train={cfg.data.train}: the stream ended at step {state.step} of {cfg.train.steps} after "
-                f"{counts['rows_seen']:.0f} rows ({counts['rows_skipped']:.0f} bad rows skipped); check the data "
-                "with `clippy-ray data inspect`"
+                f"{counts['rows_seen']:.0f} rows ({counts['rows_skipped']:.0f} bad rows skipped: {why}); check the "
+                "data with `clippy-ray data inspect`"
             )
         _check_untrained(state, batch, resumed)
         if cfg.train.record_batches:  # (step, rank, position) of each row, in training order
@@ -307,7 +319,8 @@ def train_loop(loop_config: dict) -> None:
         last = state.step == cfg.train.steps
         logging = state.step % cfg.train.log_every == 0 or last
         checkpoint, why = state.step % cfg.train.checkpoint_every == 0 or last, ""
-        if logging and not preempted and ray.train.get_preemption_info() is not None:  # collective
+        drain_check = logging or state.step % DRAIN_CHECK_EVERY == 0
+        if drain_check and not preempted and ray.train.get_preemption_info() is not None:  # collective
             preempted = True  # a spot node's notice: checkpoint now, once, and train on until it goes
             if not checkpoint:
                 checkpoint, why = True, "a node of this run is being drained"
@@ -315,8 +328,10 @@ def train_loop(loop_config: dict) -> None:
             counts = _mean_over_ranks(
                 {"loss": float(window["loss"]) / max(window["n"], 1), **stream.counters()},
                 device,
-                total=("rows_seen", "rows_skipped", "rows_dropped"),
+                total=tuple(stream.counters()),
             )
+            for problem in _gather_lines(stream.take_problems()):  # an unreadable shard: one line each
+                progress.data_problem(state.step, problem)
             metrics = {**counts, "temperature": 1.0 / scale.float().item(), "lr": engine.get_lr()[0]}
             metrics.update(progress.rates())
             window = {"loss": 0.0, "n": 0}
@@ -332,7 +347,6 @@ def train_loop(loop_config: dict) -> None:
                 trained = []
         if metrics:
             progress.log(state.step, metrics)
-            progress.log_evaluations()  # eval.during_training: those that have landed, at their steps
         if checkpoint:
             save_checkpoint(engine, model, state, cfg, tokenizer, metrics, record, audit)
             progress.checkpoint(state.step, why)

@@ -69,6 +69,12 @@ class Progress:
         self._send("checkpoint", f"step {step}/{self.total} checkpoint saved" + (f" ({why})" if why else ""), step)
         self.sync_wandb()
 
+    def data_problem(self, step: int, text: str) -> None:
+        """A shard that could not be read (wholly or to its end): its samples are skipped, counted."""
+        self._send(
+            "data", f"step {step}/{self.total}: {text} (the samples it did not give are skipped and counted)", step
+        )
+
     def data_wait(self, seconds: float) -> None:
         self.window_wait += seconds
 
@@ -106,22 +112,18 @@ class Progress:
                 step,
             )
         if self.wandb is not None:
+            if self.cfg.eval.during_training.data:  # a checkpoint's evaluation that has landed, if any
+                tracking.log_evaluations(self.wandb, self.cfg, step=step, limit=1)
             self.wandb.log(metrics, step=step)
 
     def sync_wandb(self) -> None:
         if self.wandb is not None:
             tracking.sync(self.wandb, self.cfg)
 
-    def log_evaluations(self) -> None:
-        """Log the evaluations of checkpoints (eval.during_training) that have landed since the last
-        call, against their checkpoint's step (W&B's `eval/step` axis)."""
-        if self.wandb is not None and self.cfg.eval.during_training.data:
-            tracking.log_evaluations(self.wandb, self.cfg, closing=False)
-
     def finish(self) -> None:
         self._send("done", f"training done in {duration(time.perf_counter() - self.started)}", self.total)
         if self.wandb is not None:
             if self.cfg.eval.during_training.data:  # what landed; later ones the evaluation logs itself
-                tracking.log_evaluations(self.wandb, self.cfg, closing=True)
+                tracking.close_training_run(self.wandb, self.cfg)
             self.wandb.finish()
             self.sync_wandb()

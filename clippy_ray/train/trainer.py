@@ -5,34 +5,47 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import re
 
 from clippy_ray import config, storage
 from clippy_ray.console import EventQueue
+from clippy_ray.data.formats import Layout, detect
 from clippy_ray.data.pipeline import build_dataset
 from clippy_ray.data.plan import DataFile, dump_manifest, list_files, load_manifest
 from clippy_ray.data.schema import check_dataset
 from clippy_ray.errors import InputError
 from clippy_ray.model.pretrained import check_pretrained
 from clippy_ray.train.checkpoint import check_init, legacy_shards
-from clippy_ray.train.shards import INDEX
+from clippy_ray.train.shards import INDEX, check_model, read_index
 from clippy_ray.train.state import TrainState, read_train_state, require_train_state, resume_source
 
 MANIFEST = "data/train_files.json"  # the run's training files and their rows: fixes what a position means
 
 
-def train_files(cfg: config.Config) -> list[DataFile]:
-    """The run's training files: listed once when the run starts and stored with it, so a resumed
-    run reads the same files in the same order even if the prefix has changed since."""
+def train_files(cfg: config.Config, emit=None) -> tuple[list[DataFile], Layout]:
+    """The run's training shards and how they are read: listed (and counted) once when the run
+    starts and stored with it, so a resumed run reads the same shards in the same order even if
+    the prefix has changed since."""
     uri = storage.join(cfg.train.storage, cfg.train.run_name, MANIFEST)
+    d = cfg.data
     if storage.exists(uri):
-        return load_manifest(storage.read_bytes(uri))
-    files = list_files(cfg.data.train)
+        files, layout = load_manifest(storage.read_bytes(uri))
+        if layout is None:  # written before formats: parquet with the configured columns
+            layout = Layout("parquet", tuple(f.uri for f in files), d.image_column, d.caption_column, "parquet")
+        return files, layout
+    layout = detect(d.train, "data.train", d.format, d.image_column, d.caption_column)
+    problems: list[str] = []
+    files = list_files(d.train, layout, problems)
+    for problem in problems:  # a shard cut short: its whole samples are trained, the rest is not there
+        (emit or print)(f"data.train: {problem}; its whole samples are used")
     if not sum(f.rows for f in files):
-        raise InputError(f"data.train={cfg.data.train}: its parquet files hold no rows; point it at the training data")
-    storage.write_bytes(uri, dump_manifest(files))
-    return files
+        raise InputError(
+            f"data.train={d.train}: its {layout.format} shards hold no samples; point it at the training data"
+        )
+    storage.write_bytes(uri, dump_manifest(files, layout))
+    return files, layout
 
 
 class TrainStream:
@@ -43,8 +56,10 @@ class TrainStream:
     restarted run neither skips a row nor trains one twice, and decodes nothing already trained
     on. It covers the rows the remaining steps need, twice over (bad rows are dropped)."""
 
-    def __init__(self, cfg: config.Config, files: list[DataFile], init_from: str | None, init_mode: str):
-        self.cfg, self.files, self.init_from, self.init_mode = cfg, files, init_from, init_mode
+    def __init__(
+        self, cfg: config.Config, files: list[DataFile], layout: Layout, init_from: str | None, init_mode: str
+    ):
+        self.cfg, self.files, self.layout, self.init_from, self.init_mode = cfg, files, layout, init_from, init_mode
 
     def __call__(self):
         cfg, t = self.cfg, self.cfg.train
@@ -54,7 +69,21 @@ class TrainStream:
         rows = 2 * max(t.steps - state.step, 1) * t.global_batch_size + buffers
         size = cfg.model.image.img_size
         spans = state.rows.untrained(rows)
-        return build_dataset(cfg.data.train, cfg.data, cfg.model.text, size, True, files=self.files, spans=spans)
+        return build_dataset(
+            cfg.data.train, cfg.data, cfg.model.text, size, True, files=self.files, spans=spans, layout=self.layout
+        )
+
+
+def model_sizes(cfg: config.Config) -> dict[str, int]:
+    """{parameter name: numel} of the model `cfg` builds (on the meta device: no memory, no weights)."""
+    import torch
+
+    from clippy_ray.model import build_model
+    from clippy_ray.tokenizer import build_tokenizer
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size, load_pretrained=False)
+    return {name: param.numel() for name, param in model.named_parameters()}
 
 
 def check_resume(cfg: config.Config, init_from: str | None = None, init_mode: str = "weights") -> str | None:
@@ -71,7 +100,9 @@ def check_resume(cfg: config.Config, init_from: str | None = None, init_mode: st
             f"with train.optimizer={optimizer}, or start a new run from its weights: --from {source} --from-mode "
             "weights train.run_name=NEW_NAME"
         )
-    if not storage.exists(storage.join(source, INDEX)):  # written before the resizable format
+    if storage.exists(storage.join(source, INDEX)):
+        check_model(source, read_index(source), model_sizes(cfg))
+    else:  # written before the resizable format
         ranks = {m.group(1) for f in legacy_shards(source) if (m := re.search(r"zero_pp_rank_(\d+)_", f))}
         if ranks and (cfg.train.elastic or len(ranks) != cfg.train.num_workers):
             raise InputError(
@@ -83,8 +114,12 @@ def check_resume(cfg: config.Config, init_from: str | None = None, init_mode: st
 
 
 def val_rows(cfg: config.Config) -> int:
-    """The validation subset: the same first rows of data.val (files in sorted order) every time."""
-    return cfg.train.val_batches * cfg.train.micro_batch_size * cfg.train.max_workers
+    """The validation subset: the same first rows of data.val (files in sorted order) every time,
+    val_batches micro-batches per worker; elastic, rounded up so that every size from min to max
+    splits it into whole micro-batches (all of it is scored on any number of workers)."""
+    t = cfg.train
+    every = math.lcm(*range(t.min_workers, t.max_workers + 1))
+    return -(-t.val_batches * t.max_workers // every) * every * t.micro_batch_size
 
 
 def workers(t: config.TrainConfig) -> str:
@@ -93,20 +128,26 @@ def workers(t: config.TrainConfig) -> str:
 
 def describe(cfg: config.Config) -> list[str]:
     """The start-up summary a person reads before the first step (driver side)."""
-    from clippy_ray.data.commands import parquet_size
-
     t, m = cfg.train, cfg.model
-    data = []
+    data, detected = [], []
     for name, uri in (("train", cfg.data.train), ("val", cfg.data.val)):
         if uri:
-            rows, files = parquet_size(uri)
-            data.append(f"{name} {uri} ({rows} rows, {files} file{'s' * (files != 1)})")
+            layout = detect(uri, f"data.{name}", cfg.data.format, cfg.data.image_column, cfg.data.caption_column)
+            n = len(layout.shards)
+            if layout.format == "parquet":
+                rows = sum(f.rows for f in list_files(uri, layout))
+                data.append(f"{name} {uri} ({rows} rows, {n} file{'s' * (n != 1)})")
+            else:  # counting a tar's samples can mean reading it: the run's manifest counts them once
+                data.append(f"{name} {uri} ({n} {layout.format} shard{'s' * (n != 1)})")
+            if cfg.data.format == "auto":
+                detected.append(f"detected {layout.note}")
     keep = m.token_keep_ratio if m.token_keep_ratio is not None else m.token_keep_count
     per_worker = f"{t.cpus_per_worker:g} CPU" + (" + 1 GPU" if t.use_gpu else "")
     return [
         f"model: {m.image.name} {m.image.timm_kwargs or ''} at {m.image.img_size} px + {m.text.model_type} text "
         f"encoder, {m.aggregation} pooling, token keep {keep or 'all'}, embedding {m.embed_dim}",
         "data: " + "; ".join(data),
+        *detected,
         f"workers: {workers(t)} x ({per_worker}); batch {t.micro_batch_size} per worker x {t.grad_accum_steps} "
         f"accumulation{' at max' if t.elastic else ''} = {t.global_batch_size} pairs per step, {t.steps} steps"
         + (f", torch.compile ({t.compile_backend}; the first steps compile)" if t.compile else ""),
@@ -134,15 +175,19 @@ def check_weights(cfg: config.Config) -> list[str]:
     return lines
 
 
-def check_data(cfg: config.Config) -> None:
-    """data.train (required) and data.val: parquet with the configured image and caption columns."""
+def check_data(cfg: config.Config) -> list[str]:
+    """data.train (required) and data.val: data the pipeline reads (parquet with the image and
+    caption columns, WebDataset shards, img2dataset output); one line each saying what was found."""
     if not cfg.data.train:
         raise config.ConfigError(
             ["data.train: not set; give the training parquet URI (data.train=s3://... or a folder)"]
         )
-    for field, uri in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
-        if uri:
-            check_dataset(uri, field, cfg.data.image_column, cfg.data.caption_column)
+    d = cfg.data
+    return [
+        check_dataset(uri, field, d.image_column, d.caption_column, d.format)
+        for field, uri in (("data.train", d.train), ("data.val", d.val))
+        if uri
+    ]
 
 
 def check_eval_during_training(cfg: config.Config) -> None:
@@ -230,8 +275,13 @@ def fit(
     check_inputs(cfg, init_from, init_mode)
     check_resume(cfg, init_from, init_mode)
     image_size = cfg.model.image.img_size
-    files = train_files(cfg)
-    datasets = {"train": TrainStream(cfg, files, init_from, init_mode)}
+    files, layout = train_files(cfg, console.line if console is not None else None)
+    # the factory runs in Ray Train's controller, whose working directory is not the driver's
+    datasets = {
+        "train": TrainStream(
+            config.absolute_paths(copy.deepcopy(cfg)), files, layout, config.absolute_uri(init_from), init_mode
+        )
+    }
     if cfg.data.val:
         datasets["val"] = build_dataset(
             cfg.data.val, cfg.data, cfg.model.text, image_size, train=False, rows=val_rows(cfg)
