@@ -1,5 +1,5 @@
-"""The Python API (`clippy_ray.load`) and the README's "Use a trained model from Python" snippets,
-run as written against a tiny handoff placed where the README's path points."""
+"""The Python API (`clippy_ray.load`) and the "Use a trained model from Python" snippets of docs/api.md,
+run as written against a tiny handoff placed where their path points."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 SECTION = "## Use a trained model from Python"
 CHECKPOINT = "runs/demo/checkpoints/demo/step_00000300"  # the path the snippets load
 
 
 def readme_snippets() -> list[str]:
-    """The ```python blocks of the README's API section, in order."""
-    text = README.read_text()
-    assert SECTION in text, f"README.md lost its {SECTION!r} section"
+    """The ```python blocks of docs/api.md's API section, in order."""
+    text = API_DOC.read_text()
+    assert SECTION in text, f"docs/api.md lost its {SECTION!r} section"
     section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
@@ -30,7 +30,7 @@ def run_snippets(snippets: list[str], checkpoint: str = CHECKPOINT) -> dict:
     path replaced by `checkpoint`; returns the namespace."""
     namespace: dict = {}
     for i, code in enumerate(snippets, start=1):
-        exec(compile(code.replace(CHECKPOINT, checkpoint), f"README {SECTION!r} block {i}", "exec"), namespace)
+        exec(compile(code.replace(CHECKPOINT, checkpoint), f"docs/api.md {SECTION!r} block {i}", "exec"), namespace)
     return namespace
 
 
