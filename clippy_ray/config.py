@@ -81,7 +81,7 @@ class TextConfig:
     pretrained: str | None = None  # None: random init; else an HF model folder URI (Sentence-T5)
     hf_config: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {num_layers: 2}
     tokenizer: str = "byte"  # "byte" (ByT5, needs no file) or a tokenizer folder URI
-    max_length: int = 64
+    max_length: int = 64  # tokens per caption (longer ones are cut)
 
     def check(self, path: str) -> list[str]:
         return out_of_range(path, self, ">= 1", ("max_length",))
@@ -91,11 +91,11 @@ class TextConfig:
 class ModelConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    embed_dim: int = 512
+    embed_dim: int = 512  # the shared image-text embedding size both towers project to
     aggregation: str = "max"  # max (CLIPpy) | avg | cls
     token_keep_ratio: float | None = None  # train-time token sub-sampling, fraction of patches
     token_keep_count: int | None = None  # ... or a fixed number of patches (not both)
-    init_temperature: float = 0.07
+    init_temperature: float = 0.07  # the temperature the logit scale starts at: exp(logit_scale) = 1 / this
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
 
     def check(self, path: str) -> list[str]:
@@ -137,7 +137,7 @@ DATA_FORMATS = ("auto", "parquet", "webdataset", "files")
 class DataConfig:
     train: str | None = None  # parquet, WebDataset .tar shards or img2dataset output: a file, folder or
     #                           prefix (local or s3://), or a shard list: s3://b/{00000..01023}.tar::...
-    val: str | None = None
+    val: str | None = None  # the validation data, any format train takes; null: no validation
     format: str = "auto"  # auto (detected, one line says what) | parquet | webdataset | files
     image_column: str = "image"  # parquet: encoded bytes, or an HF datasets {bytes, path} struct
     #                              (img2dataset's `jpg` is found when `image` is not there)
@@ -173,8 +173,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 @dataclass
 class WandbConfig:
     mode: str = "offline"  # offline by default; online needs WANDB_API_KEY in the environment
-    project: str = "clippy-ray"
-    group: str | None = None
+    project: str = "clippy-ray"  # the W&B project the runs log to
+    group: str | None = None  # the W&B group (e.g. a sweep's name); null: none
 
     def check(self, path: str) -> list[str]:
         if self.mode not in WANDB_MODES:
@@ -190,35 +190,35 @@ class TrainConfig:
     # when nodes are lost and not replaced, and grows back to max when they return
     num_workers: int | list[int] = 2
     resize_check_s: float = 60.0  # elastic: how often Ray looks for room to add workers
-    use_gpu: bool = False
+    use_gpu: bool = False  # a GPU per training worker (set on a GPU cluster)
     cpus_per_worker: float = 0.5  # < 1 on small CPU boxes leaves CPUs for Ray Data decoding
     # custom Ray resources each worker also asks for: pins workers to the node type that declares them
     worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {a100_node: 1}
     global_batch_size: int = 64  # pairs per optimizer step, over all workers and accumulation
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (elastic: at max workers; grows as workers shrink)
     steps: int = 1000  # optimizer steps
     precision: str = "auto"  # auto: bf16 where the device runs it natively (CUDA, AVX512-BF16/AMX), else fp32
-    zero_stage: int = 2
-    optimizer: str = "adamw"
-    lr: float = 5e-4
+    zero_stage: int = 2  # DeepSpeed ZeRO: 0 replicated, 1 optimizer state, 2 + gradients, 3 + parameters sharded
+    optimizer: str = "adamw"  # adamw | lamb (a per-parameter trust ratio, for very large batches)
+    lr: float = 5e-4  # peak learning rate, reached after warmup_steps
     min_lr: float = 0.0  # cosine decays to this
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr, then cosine decay to min_lr
     weight_decay: float = 0.2  # not applied to norms, biases, embeddings tokens or the temperature
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.98)  # the optimizer's (beta1, beta2)
+    eps: float = 1e-6  # the optimizer's epsilon
     grad_clip: float = 1.0  # 0: off
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 500  # steps between checkpoints (the last step always gets one)
+    keep_checkpoints: int = 2  # the newest checkpoints kept (and any still waiting for its evaluation)
     val_every: int = 0  # 0: validate only at the end
     val_batches: int = 8  # per worker
-    log_every: int = 10
+    log_every: int = 10  # steps between console / W&B log lines
     max_failures: int = 0  # restarts from the last checkpoint when a worker dies
     # torch.compile the model in each worker (DeepSpeed's engine.compile): fewer, fused kernels for
     # a GPU step that is bound by launching them; the first steps pay the compilation (about a
     # minute for the ViT-B/16 + T5-base model on an H200). compile_backend "eager" traces only.
     compile: bool = False
-    compile_backend: str = "inductor"
-    seed: int = 0
+    compile_backend: str = "inductor"  # torch.compile backend when compile is on: inductor, or eager (traces only)
+    seed: int = 0  # the model's initialisation and the training randomness (dropout, token sub-sampling)
     # write into each checkpoint which rows each step since the previous one trained on (data/batches.npy:
     # step, rank, data position per row; 24 bytes a row): to audit a run or find the rows behind a loss spike
     record_batches: bool = False
@@ -365,11 +365,11 @@ class DuringTrainingConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: tuple[str, ...] = EVAL_TASKS
+    tasks: tuple[str, ...] = EVAL_TASKS  # what `clippy-ray eval` runs: any of cls, seg, unsup, robust
     resolution: int | None = None  # seg/unsup short side; None: 2 x model.image.img_size (paper: 448 on 224)
-    batch_size: int = 16
+    batch_size: int = 16  # images per evaluation batch on each worker
     workers: int = 2  # Ray actors, each holding the model once
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # CPUs each evaluation worker asks Ray for
     use_gpu: bool | None = False  # a GPU per worker, asked of the autoscaler; null (older configs) = false
     worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker, as train's
     rows_per_shard: int = 32  # the unit of parallel work; results never depend on the worker count

@@ -13,10 +13,10 @@ from clippy_ray import storage
 from clippy_ray.config import DataConfig, TextConfig
 from clippy_ray.data import benchmark as bm
 from clippy_ray.data.commands import convert, inspect, make_benchmark
-from clippy_ray.data.formats import detect
+from clippy_ray.data.formats import check_dataset, detect
 from clippy_ray.data.pipeline import BatchStream, build_dataset
 from clippy_ray.data.plan import DataFile, RepeatedRows, TrainedRows, list_files, pieces
-from clippy_ray.data.schema import DataSchemaError, check_dataset
+from clippy_ray.data.schema import DataSchemaError
 
 TEXT = TextConfig(tokenizer="byte", max_length=24)
 SPEC = bm.BenchmarkSpec(seed=3, image_size=48)

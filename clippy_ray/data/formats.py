@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from clippy_ray import storage
 from clippy_ray.config import DATA_FORMATS
+from clippy_ray.data.schema import DataSchemaError, check_columns
 from clippy_ray.errors import UserError
 
 FORMATS = DATA_FORMATS
@@ -178,8 +179,6 @@ def _webdataset(field: str | None, uri: str, shards: list[str], caption_column: 
 def _parquet(field: str | None, uri: str, files: list[str], image_column: str, caption_column: str) -> Layout:
     """Parquet; when the configured columns are not there, img2dataset's (`jpg`, `caption`) or
     another common name is used, and the note says so."""
-    from clippy_ray.data.schema import DataSchemaError, check_columns
-
     fs, path = storage.resolve(files[0])
     try:
         with fs.open_input_file(path) as handle:
@@ -240,6 +239,16 @@ def check(layout: Layout, field: str | None, uri: str, look: int = 8) -> None:
             f"({'/'.join(IMAGE_EXTENSIONS)}) and a caption (txt, or json[{layout.caption_column!r}]: set "
             f"data.caption_column to the json field); members found: {', '.join(seen) or 'none'}"
         )
+
+
+def check_dataset(uri: str, field: str, image_column: str, caption_column: str, fmt: str = "auto") -> str:
+    """Driver side, before any Ray work: `uri` holds data of a format the pipeline reads (parquet
+    with usable image and caption columns, WebDataset shards or img2dataset files whose first
+    samples have an image and a caption). One line names `field=uri` and what is wrong; returns
+    the line saying what was detected."""
+    layout = detect(uri, field, fmt, image_column, caption_column)
+    check(layout, field, uri)
+    return layout.note
 
 
 # ------------------------------------------------------------------------------- counting

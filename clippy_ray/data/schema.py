@@ -64,21 +64,3 @@ def image_bytes(value) -> bytes | None:
     if value is None or len(value) == 0:
         return None
     return bytes(value)
-
-
-def parquet_files(uri: str, files: list[str]) -> list[str]:
-    """The parquet files among `files` listed at `uri`: `uri` itself when it is one file, else
-    the .parquet files of the folder / prefix."""
-    return files if len(files) == 1 and files[0] == uri else [f for f in files if f.endswith(".parquet")]
-
-
-def check_dataset(uri: str, field: str, image_column: str, caption_column: str, fmt: str = "auto") -> str:
-    """Driver side, before any Ray work: `uri` holds data of a format the pipeline reads (parquet
-    with usable image and caption columns, WebDataset shards or img2dataset files whose first
-    samples have an image and a caption). One line names `field=uri` and what is wrong; returns
-    the line saying what was detected."""
-    from clippy_ray.data.formats import check, detect
-
-    layout = detect(uri, field, fmt, image_column, caption_column)
-    check(layout, field, uri)
-    return layout.note

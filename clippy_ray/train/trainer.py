@@ -11,10 +11,9 @@ import re
 
 from clippy_ray import config, storage
 from clippy_ray.console import EventQueue
-from clippy_ray.data.formats import Layout, detect
+from clippy_ray.data.formats import Layout, check_dataset, detect
 from clippy_ray.data.pipeline import build_dataset
 from clippy_ray.data.plan import DataFile, dump_manifest, list_files, load_manifest
-from clippy_ray.data.schema import check_dataset
 from clippy_ray.errors import InputError
 from clippy_ray.model.pretrained import check_pretrained
 from clippy_ray.train.checkpoint import check_init, legacy_shards
