@@ -397,3 +397,19 @@ def test_a_shard_reads_exactly_its_rows_across_row_group_boundaries(tmp_path, bu
                     stop,
                 )
         assert list(cache) == [(uri, (1,))]  # only the last row groups read are kept
+
+
+def test_prompts_take_the_article_their_class_name_needs():
+    from clippy_ray.eval.datasets import fill, read_templates
+
+    assert [fill(t, "arrow") for t in ("a {}", "a photo of a {}.", "A {} here", "an image with {}")] == [
+        "an arrow",
+        "a photo of an arrow.",
+        "An arrow here",
+        "an image with arrow",
+    ]
+    assert fill("a {}", "circle") == "a circle" and fill("a photo of a {}.", "eagle") == "a photo of an eagle."
+    assert (
+        fill(read_templates("benchmark")[0], "arrow").startswith("an arrow")
+        or "{}" not in read_templates("benchmark")[0]
+    )

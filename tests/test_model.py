@@ -157,3 +157,17 @@ def test_pretrained_text_encoder_smaller_than_the_tokenizer_is_rejected(tmp_path
     save_text_encoder(encoder_from_config(small), tmp_path / "t5")
     with pytest.raises(ValueError, match="tokenizer has 384 tokens but the text encoder embeds only 100"):
         make(f"model.text.pretrained={tmp_path / 't5'}")
+
+
+def test_a_bf16_model_gives_unit_norm_float32_embeddings():
+    """Normalized in float32: a bf16 model's embeddings have norm 1 to float32 precision (normalizing
+    in bf16 and casting after gives norms 0.996-1.004)."""
+    model, tok = make()
+    model = model.to(torch.bfloat16).eval()
+    images, ids, mask = batch(tok)
+    with torch.no_grad():
+        img, txt = model.encode_image(images.bfloat16()), model.encode_text(ids, mask)
+        dense = model.dense_features(images.bfloat16())
+    for emb in (img, txt, dense):
+        assert emb.dtype == torch.float32
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(emb.shape[:-1]), atol=1e-6, rtol=0)

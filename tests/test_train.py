@@ -184,6 +184,14 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
     assert len(losses) == 2 and losses[1] < losses[0], losses  # mean loss of steps 7-12 < steps 1-6
     ckpt12 = f"{uri}/resume/step_00000012"
     assert storage.exists(f"{ckpt12}/model/model.safetensors") and storage.exists(f"{uri}/resume/config.yaml")
+    # the handoff's logit scale is the optimizer's float32 master, not the module's bf16 copy (on the
+    # bf16 grid: 2^-7 apart near ln(1 / 0.07) = 2.66, up to ~1.6% off in the scale)
+    from safetensors.torch import load_file
+
+    handoff = load_file(str(storage.fetch(f"{ckpt12}/model/model.safetensors")))
+    scale = handoff["logit_scale"]
+    assert scale.dtype == torch.float32 and not torch.equal(scale, scale.bfloat16().float()), scale
+    assert handoff["image.proj.weight"].dtype == torch.bfloat16  # (the rest is the module's bf16 weights)
 
     second = fit(
         train_cfg(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -110,6 +111,14 @@ def read_names(name_or_path: str, package_dir: str = "classes") -> list[list[str
         text = storage.fetch(name_or_path).read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return [[part.strip() for part in line.split(",") if part.strip()] for line in lines]
+
+
+def fill(template: str, name: str) -> str:
+    """`template` with `name` in its {}, the article before it agreeing: "a {}" + "arrow" ->
+    "an arrow" (by the first letter: a, e, i, o, u)."""
+    if name[:1].lower() in "aeiou":
+        template = re.sub(r"\b([Aa]) \{\}", r"\1n {}", template)
+    return template.format(name)
 
 
 def read_templates(name_or_path: str) -> list[str]:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from clippy_ray.config import EvalConfig
 from clippy_ray.data.transforms import center_square_box, normalize
-from clippy_ray.eval.datasets import EvalDataError, EvalSet, Sample, read_templates
+from clippy_ray.eval.datasets import EvalDataError, EvalSet, Sample, fill, read_templates
 
 # ------------------------------------------------------------------------------- inputs
 
@@ -60,7 +60,7 @@ def text_classifier(
 ) -> torch.Tensor:
     """One L2-normalized fp32 embedding per class [C, E]: the mean over synonyms x templates of
     the normalized text embeddings, normalized again (CLIP's zero-shot classifier)."""
-    prompts = [t.format(n) for syn in names for n in syn for t in templates]
+    prompts = [fill(t, n) for syn in names for n in syn for t in templates]
     owners = [c for c, syn in enumerate(names) for _ in syn for _ in templates]
     embs = []
     for i in range(0, len(prompts), batch_size):

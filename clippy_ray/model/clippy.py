@@ -33,16 +33,16 @@ class CLIPpy(nn.Module):
         return self.logit_scale.float().exp()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> L2-normalized [N, E]."""
-        return F.normalize(self.image(images), dim=-1)
+        """[N, 3, H, W] -> L2-normalized float32 [N, E] (normalized in float32 whatever the model's dtype)."""
+        return F.normalize(self.image(images).float(), dim=-1)
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> L2-normalized per-location embeddings [N, H/p, W/p, E] (segmentation)."""
-        return F.normalize(self.image.forward_dense(images), dim=-1)
+        """[N, 3, H, W] -> L2-normalized float32 per-location embeddings [N, H/p, W/p, E] (segmentation)."""
+        return F.normalize(self.image.forward_dense(images).float(), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, L] token ids (mask: every non-pad token unless given) -> L2-normalized [N, E]."""
-        return F.normalize(self.text(input_ids, attention_mask), dim=-1)
+        """[N, L] token ids (mask: every non-pad token unless given) -> L2-normalized float32 [N, E]."""
+        return F.normalize(self.text(input_ids, attention_mask).float(), dim=-1)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """-> (image embeddings [N, E], text embeddings [N, E], logit scale [1])."""

@@ -141,6 +141,12 @@ def _get_fp32(param: torch.nn.Parameter) -> torch.Tensor:
     return master.float().reshape(-1).clone()
 
 
+def master_logit_scale(engine) -> torch.Tensor:
+    """The float32 master of the model's logit_scale (what the optimizer steps; the module's copy is
+    bf16-rounded under bf16); a collective under ZeRO."""
+    return _get_fp32(engine.module.logit_scale)
+
+
 def _set_fp32(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Write a parameter's float32 master (each rank writes its own part)."""
     import torch.distributed as dist

@@ -23,7 +23,7 @@ from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff, load_weights
 from clippy_ray.tokenizer import build_tokenizer
 from clippy_ray.train import optim, shards
 from clippy_ray.train.checkpoint import download_legacy, full_state_dict, load_shards
-from clippy_ray.train.engine import build_engine
+from clippy_ray.train.engine import build_engine, master_logit_scale
 from clippy_ray.train.progress import Progress
 from clippy_ray.train.state import (
     BATCHES_FILE,
@@ -126,7 +126,9 @@ def save_checkpoint(
     with tempfile.TemporaryDirectory(prefix="clippy-ray-checkpoint-") as tmp:
         shards.save(engine, tmp)
         weights = full_state_dict(engine)  # collective under ZeRO-3
+        scale = master_logit_scale(engine)  # collective: the float32 master, not the module's bf16 copy
         if rank == 0:
+            weights["logit_scale"] = scale.reshape(weights["logit_scale"].shape)
             export_handoff(model, weights, cfg, tokenizer, os.path.join(tmp, HANDOFF_DIR))
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump({**record, **metrics, **state.to_dict(record["rows_per_epoch"])}, f)
