@@ -15,6 +15,7 @@ of its `json` member. Other members are ignored.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import tarfile
@@ -394,8 +395,11 @@ def read_samples(
         return
     stop = wanted[-1][1]
 
-    def inside(i: int) -> bool:
-        return any(lo <= i < hi for lo, hi in wanted)
+    starts = [lo for lo, _ in wanted]
+
+    def inside(i: int) -> bool:  # (a resumed shard can have many ranges: a search, not a scan)
+        k = bisect.bisect_right(starts, i) - 1
+        return k >= 0 and i < wanted[k][1]
 
     if layout_format == "files":
         for i, (_, paths) in enumerate(_folder_samples(uri)[:stop]):
