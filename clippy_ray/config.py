@@ -61,6 +61,7 @@ class ImageConfig:
     pretrained: str | None = None  # None: random init; else a timm .pth/.safetensors file URI
     img_size: int = 224  # training resolution; any multiple of the patch size works at eval
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 2, embed_dim: 64}
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
 
     def check(self, path: str) -> list[str]:
         errors = []
@@ -82,6 +83,7 @@ class TextConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {num_layers: 2}
     tokenizer: str = "byte"  # "byte" (ByT5, needs no file) or a tokenizer folder URI
     max_length: int = 64  # tokens per caption (longer ones are cut)
+    grad_checkpointing: bool = False  # transformers' own: recompute each layer in the backward (less memory)
 
     def check(self, path: str) -> list[str]:
         return out_of_range(path, self, ">= 1", ("max_length",))

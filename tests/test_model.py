@@ -171,3 +171,34 @@ def test_a_bf16_model_gives_unit_norm_float32_embeddings():
     for emb in (img, txt, dense):
         assert emb.dtype == torch.float32
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(emb.shape[:-1]), atol=1e-6, rtol=0)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """model.image.grad_checkpointing / model.text.grad_checkpointing recompute each block in the
+    backward with the forward's random state: with dropout and token sub-sampling on, the loss and
+    every parameter gradient equal the model's without it."""
+    vit = "model.image.timm_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2, proj_drop_rate: 0.1}"
+    common = ("model.token_keep_ratio=0.5", vit, "model.text.hf_config={num_layers: 2, d_model: 32, d_kv: 8, "
+              "num_heads: 4, d_ff: 64, dropout_rate: 0.1}")  # fmt: skip
+    torch.manual_seed(0)
+    plain, tok = make(*common)
+    torch.manual_seed(0)
+    ckpt, _ = make(*common, "model.image.grad_checkpointing=true", "model.text.grad_checkpointing=true")
+    ckpt.load_state_dict(plain.state_dict())
+    images, ids, mask = batch(tok)
+    grads, losses = [], []
+    for model in (plain, ckpt):
+        model.train()
+        torch.manual_seed(1)
+        img, txt, scale = model(images, ids, mask)
+        loss = F.cross_entropy(scale * img @ txt.T, torch.arange(4)) + F.cross_entropy(
+            scale * txt @ img.T, torch.arange(4)
+        )
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert ckpt.text.encoder.is_gradient_checkpointing and ckpt.image.grad_checkpointing
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)

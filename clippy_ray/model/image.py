@@ -6,6 +6,7 @@ from __future__ import annotations
 import timm
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clippy_ray.config import ImageConfig
 from clippy_ray.errors import InputError
@@ -55,6 +56,7 @@ class ImageTower(DeviceKernels):
             )
         except (RuntimeError, TypeError) as err:
             raise InputError(f"model.image.name={cfg.name!r} with timm_kwargs={cfg.timm_kwargs}: {err}") from None
+        self.grad_checkpointing = cfg.grad_checkpointing
         if not all(hasattr(self.vit, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm")):
             raise InputError(f"model.image.name={cfg.name!r} is not a timm VisionTransformer")
         if aggregation == "cls" and getattr(self.vit, "cls_token", None) is None:
@@ -95,7 +97,13 @@ class ImageTower(DeviceKernels):
         if subsample:
             patches = keep_random_tokens(patches, self._num_keep(patches.shape[1]))
         x = torch.cat([prefix, patches], dim=1)
-        x = vit.norm(vit.blocks(vit.norm_pre(x)))
+        x = vit.norm_pre(x)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in vit.blocks:  # each block's activations recomputed in the backward (same RNG)
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = vit.blocks(x)
+        x = vit.norm(x)
         cls = self.proj(x[:, 0]) if self.has_cls else None
         return cls, self.proj(x[:, self.num_prefix :])
 

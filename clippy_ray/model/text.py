@@ -57,9 +57,11 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class TextTower(DeviceKernels):
-    def __init__(self, encoder: PreTrainedModel, embed_dim: int):
+    def __init__(self, encoder: PreTrainedModel, embed_dim: int, grad_checkpointing: bool = False):
         super().__init__()
         swap_layers(encoder)  # cheaper CPU dropout and RMS norm
+        if grad_checkpointing:  # transformers' own: each layer recomputed in the backward, in training
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.encoder = encoder
         own = encoder.config._attn_implementation  # what the encoder runs off the CPU
         self.attention = "sdpa" if own == CPU_ATTENTION else own  # a config another tower switched
