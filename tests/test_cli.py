@@ -103,6 +103,12 @@ def test_train_dry_run_prints_the_plan_checks_weights_and_starts_nothing(tmp_pat
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert f"data: train {tmp_path}/train (3 rows, 1 file)" in out
+    assert f"detected data.train: parquet, 1 file(s) at {tmp_path}/train" in out
+    assert "negatives per loss: 64 (the global batch)" in out  # 2 workers x 32, no accumulation
+    assert cli.main([*args, "train.grad_accum_steps=4"]) == 0
+    assert "negatives per loss: 16 (a micro-batch of 8 x workers; accumulated micro-batches are each a loss of " in (
+        capsys.readouterr().out
+    )
     assert f"run folder: {tmp_path}/runs/clippy (new run)" in out and "dry run: nothing was started" in out
     assert ray.is_initialized() == ray_was_up and not (tmp_path / "runs").exists()
 
