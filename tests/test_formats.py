@@ -185,6 +185,19 @@ def test_webdataset_through_the_pipeline_every_position_once_bad_ones_counted(ra
     assert problem.startswith(f"unreadable shard: {folder / '00002.tar'}")
 
 
+def test_data_convert_writes_webdataset_shards_as_parquet_leaving_out_the_bad_samples(ray_local, tmp_path):
+    from clippy_ray.data.commands import convert_dataset
+
+    folder = write_shards(tmp_path / "wds", 2, 6, bad={1: "no caption", 8: "not an image"})
+    report = convert_dataset(str(folder), str(tmp_path / "out"), rows_per_shard=4)
+    assert (report["format"], report["rows"], report["written"], report["skipped"]) == ("webdataset", 12, 10, 2)
+    table = pq.read_table(tmp_path / "out")
+    assert sorted(table.column("caption").to_pylist()) == sorted(f"sample {i}" for i in range(12) if i not in (1, 8))
+    assert all(image[:4] == b"\x89PNG" for image in table.column("image").to_pylist())
+    # and it trains as parquet: the same samples, detected as parquet
+    assert detect(str(tmp_path / "out"), "data.train").format == "parquet"
+
+
 @pytest.fixture(scope="module")
 def image_server(tmp_path_factory):
     """A local HTTP server on 127.0.0.1 serving 24 PNGs (and one non-image) for img2dataset."""

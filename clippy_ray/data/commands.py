@@ -175,8 +175,6 @@ def inspect(
 
 
 def _read_images(batch: dict[str, np.ndarray], root: str, path_column: str, caption_column: str) -> dict:
-    from PIL import Image
-
     """Rows whose image reads and whose caption is non-empty; the others are left out (and
     counted by `convert` as input rows minus written rows)."""
     fs, base = storage.resolve(root)
@@ -187,12 +185,27 @@ def _read_images(batch: dict[str, np.ndarray], root: str, path_column: str, capt
         try:
             with fs.open_input_file(f"{base}/{str(rel).lstrip('/')}") as f:
                 data = f.read()
-            Image.open(io.BytesIO(data)).verify()  # header check: corrupt files are left out here
-        except Exception:  # noqa: BLE001 - missing or corrupt image: skipped and counted
+        except OSError:  # missing: skipped and counted
             continue
-        keys.append(str(rel))
-        images.append(data)
-        captions.append(caption.strip())
+        if _opens(data):
+            keys.append(str(rel))
+            images.append(data)
+            captions.append(caption.strip())
+    return _parquet_rows(keys, images, captions)
+
+
+def _opens(data: bytes) -> bool:
+    """The image's header reads (a corrupt file is left out of a conversion, and counted)."""
+    from PIL import Image
+
+    try:
+        Image.open(io.BytesIO(data)).verify()
+    except Exception:  # noqa: BLE001 - any undecodable image
+        return False
+    return True
+
+
+def _parquet_rows(keys: list, images: list, captions: list) -> dict[str, np.ndarray]:
     return {
         "key": np.asarray(keys, dtype=object),
         "image": np.asarray(images, dtype=object),
@@ -242,26 +255,17 @@ def convert(
 def _usable(batch: dict[str, np.ndarray]) -> dict:
     """The samples whose image opens and whose caption is non-empty, as parquet rows (key = data
     position); the others are left out and counted by `convert_dataset`."""
-    from PIL import Image
-
     keys, images, captions = [], [], []
     skips = batch.get("skip")
     for i, (position, data, caption) in enumerate(zip(batch["position"], batch["image"], batch["caption"])):
         data = image_bytes(data)
         if (skips is not None and skips[i]) or data is None or not isinstance(caption, str) or not caption.strip():
             continue
-        try:
-            Image.open(io.BytesIO(data)).verify()  # header check: corrupt files are left out here
-        except Exception:  # noqa: BLE001 - undecodable image: skipped and counted
-            continue
-        keys.append(str(position))
-        images.append(data)
-        captions.append(caption.strip())
-    return {
-        "key": np.asarray(keys, dtype=object),
-        "image": np.asarray(images, dtype=object),
-        "caption": np.asarray(captions, dtype=object),
-    }
+        if _opens(data):
+            keys.append(str(position))
+            images.append(data)
+            captions.append(caption.strip())
+    return _parquet_rows(keys, images, captions)
 
 
 def convert_dataset(
