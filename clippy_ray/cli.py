@@ -199,13 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     find_handoff(args.checkpoint)  # the checkpoint, the data and the output are checked before Ray starts
     if args.out:
         storage.require_bucket(args.out, "--out")
-    flags = {
-        "tasks": args.tasks.split(",") if args.tasks else None,
-        "workers": args.workers,
-        "resolution": args.resolution,
-        "max_rows": args.max_rows,
-        "use_gpu": args.gpu or None,
-    }
+    flags = _eval_flags(args)
     cfg = eval_config(args.checkpoint, args.overrides, {k: v for k, v in flags.items() if v is not None})
     data = open_eval_set(args.data, args.format, cfg.rows_per_shard, cfg.max_rows, args.classes)
     tasks_named = args.tasks is not None or any(o.split("=", 1)[0].strip() == "eval.tasks" for o in args.overrides)
@@ -225,6 +219,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_flags(args: argparse.Namespace) -> dict:
+    """The `eval` flags that override eval.* keys (None where not given)."""
+    return {
+        "tasks": args.tasks.split(",") if args.tasks else None,
+        "workers": args.workers,
+        "resolution": args.resolution,
+        "max_rows": args.max_rows,
+        "use_gpu": args.gpu or None,
+    }
+
+
 def _watch(args: argparse.Namespace) -> int:
     """`eval --watch RUN`: the run's own eval settings (its config.yaml), then overrides and flags."""
     import yaml
@@ -238,13 +243,7 @@ def _watch(args: argparse.Namespace) -> int:
     saved = storage.join(args.watch, "config.yaml")
     storage.require(saved, "--watch", "give a run folder: <train.storage>/<train.run_name>")
     run_cfg = yaml.safe_load(storage.read_bytes(saved)) or {}
-    flags = {
-        "tasks": args.tasks.split(",") if args.tasks else None,
-        "workers": args.workers,
-        "resolution": args.resolution,
-        "max_rows": args.max_rows,
-        "use_gpu": args.gpu or None,
-    }
+    flags = _eval_flags(args)
     extra = config.parse_overrides(args.overrides)
     eval_data = config.merge(config.merge(run_cfg.get("eval") or {}, extra.get("eval", {})), flags)
     cfg = config.from_dict({"eval": {k: v for k, v in eval_data.items() if v is not None}}).eval

@@ -8,11 +8,9 @@ import functools
 import http.server
 import io
 import json
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -250,8 +248,7 @@ def test_webdataset_shards_on_s3_a_worker_killed_mid_run_and_every_sample_is_tra
     The run finishes; every sample it trained on was trained once, the bad ones never, and the
     checkpoint's record is exactly what was trained plus the bad samples it skipped."""
     from clippy_ray.data.plan import DataFile, epoch_order
-    from clippy_ray.train.trainer import fit
-    from tests.test_train import _train_workers, batches_trained, train_cfg, trained_set
+    from tests.test_train import batches_trained, fit_killing_a_worker, train_cfg, trained_set
 
     bad = {17: "no caption", 250: "not an image"}
     storage.upload(write_shards(tmp_path / "wds", 6, 100, bad=bad), f"s3://{bucket}/wds")
@@ -263,19 +260,8 @@ def test_webdataset_shards_on_s3_a_worker_killed_mid_run_and_every_sample_is_tra
         f"train.global_batch_size={pairs}", f"train.steps={steps}", f"train.checkpoint_every={every}",
         "train.keep_checkpoints=100", "train.log_every=4", "train.max_failures=1", "train.record_batches=true",
     )  # fmt: skip
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(r=fit(cfg)), daemon=True)
-    thread.start()
-    deadline = time.time() + 300
-    while not (tmp_path / "wds" / f"step_{every:08d}" / "train_state.json").exists():
-        assert time.time() < deadline and thread.is_alive(), "no first checkpoint"
-        time.sleep(0.2)
-    time.sleep(np.random.default_rng().uniform(0, 2))
-    victims = _train_workers()
-    assert len(victims) == 2
-    victims[0].send_signal(signal.SIGKILL)
-    thread.join(timeout=600)
-    assert not thread.is_alive() and result["r"].metrics["step"] == steps
+    result = fit_killing_a_worker(cfg, tmp_path / "wds" / f"step_{every:08d}", after_s=2)
+    assert result.metrics["step"] == steps
     manifest = json.loads((tmp_path / "wds" / "data" / "train_files.json").read_text())
     assert manifest["format"] == "webdataset" and [f["rows"] for f in manifest["files"]] == [100] * 6
     trained = batches_trained(tmp_path / "wds")

@@ -298,12 +298,32 @@ def batches_trained(run: Path) -> np.ndarray:
     return np.concatenate([np.load(p / "data" / "batches.npy", allow_pickle=False) for p in sorted(run.glob("step_*"))])
 
 
+def fit_killing_a_worker(cfg, first_checkpoint: Path, after_s: float):
+    """`fit(cfg)` with one of its 2 training workers SIGKILLed at a random moment up to `after_s`
+    after `first_checkpoint` is written; returns the finished run's result."""
+    from clippy_ray.train.trainer import fit
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(r=fit(cfg)), daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while not (first_checkpoint / "train_state.json").exists():
+        assert time.time() < deadline and thread.is_alive(), "no first checkpoint"
+        time.sleep(0.2)
+    time.sleep(np.random.default_rng().uniform(0, after_s))  # a random step after it
+    victims = _train_workers()
+    assert len(victims) == 2
+    victims[0].send_signal(signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    return result["r"]
+
+
 def test_a_worker_killed_mid_epoch_resumes_and_every_row_is_trained_exactly_once(ray_local, bench, tmp_path):
     """8 files of 1,500 rows read by 4 tasks at once, 2 workers with shuffle buffers; a worker killed
     at a random step after the first checkpoint; the run restarts and finishes. Every data position
     the run trained on (recorded per step in the checkpoints) was trained once, and the checkpoint's
     record of them is exact."""
-    from clippy_ray.train.trainer import fit
 
     data = many_files(tmp_path / "data", files=8, rows=1500, row_group=300)
     steps, pairs, every = 40, 64, 10
@@ -326,20 +346,8 @@ def test_a_worker_killed_mid_epoch_resumes_and_every_row_is_trained_exactly_once
         "train.record_batches=true",
         "data.val=null",
     )
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(r=fit(cfg)), daemon=True)
-    thread.start()
-    deadline = time.time() + 300
-    while not (tmp_path / "kill" / f"step_{every:08d}" / "train_state.json").exists():
-        assert time.time() < deadline and thread.is_alive(), "no first checkpoint"
-        time.sleep(0.2)
-    time.sleep(np.random.default_rng().uniform(0, 3))  # a random step after it
-    victims = _train_workers()
-    assert len(victims) == 2
-    victims[0].send_signal(signal.SIGKILL)
-    thread.join(timeout=600)
-    assert not thread.is_alive()
-    assert result["r"].metrics["step"] == steps
+    result = fit_killing_a_worker(cfg, tmp_path / "kill" / f"step_{every:08d}", after_s=3)
+    assert result.metrics["step"] == steps
     run = tmp_path / "kill"
     trained = batches_trained(run)
     positions = trained[:, 2]

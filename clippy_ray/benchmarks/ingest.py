@@ -28,21 +28,13 @@ from clippy_ray.benchmarks import common
 from clippy_ray.config import DataConfig, TextConfig
 from clippy_ray.data.benchmark import BenchmarkSpec
 from clippy_ray.data.commands import make_benchmark
-from clippy_ray.data.pipeline import BatchStream, build_dataset, preprocess_batch
+from clippy_ray.data.pipeline import BatchStream, build_dataset, preprocess_batch, preprocess_kwargs
 from clippy_ray.ray_init import init_ray
 
 
 def bare_loop(path: str, data: DataConfig, text: TextConfig, size: int) -> float:
     """rows/s of one process: read the parquet, decode + augment + tokenize batch by batch."""
-    kwargs = dict(
-        image_column="image",
-        caption_column="caption",
-        size=size,
-        train=True,
-        min_scale=data.min_crop_scale,
-        text_cfg=tuple(sorted((k, v) for k, v in vars(text).items() if k != "hf_config")),
-        seed=0,
-    )
+    kwargs = preprocess_kwargs(data, text, size, train=True)
     preprocess_batch({"image": [], "caption": []}, **kwargs)  # warm the tokenizer cache
     start, rows = time.perf_counter(), 0
     for file in sorted(os.listdir(path)):

@@ -206,6 +206,19 @@ def preprocess_batch(
     return out
 
 
+def preprocess_kwargs(data_cfg: DataConfig, text_cfg: TextConfig, image_size: int, train: bool) -> dict:
+    """`preprocess_batch`'s settings for rows read by `read_plan` (`image` and `caption` columns)."""
+    return dict(
+        image_column="image",
+        caption_column="caption",
+        size=image_size,
+        train=train,
+        min_scale=data_cfg.min_crop_scale,
+        text_cfg=tuple(sorted((k, v) for k, v in vars(text_cfg).items() if k != "hf_config")),
+        seed=data_cfg.seed,
+    )
+
+
 def build_dataset(
     uri: str,
     data_cfg: DataConfig,
@@ -243,18 +256,9 @@ def build_dataset(
     # whole read phase). This pipeline is three task operators in a line, which the reservation is
     # not needed for.
     ds.context.op_resource_reservation_enabled = False
-    fn_kwargs = dict(
-        image_column="image",
-        caption_column="caption",
-        size=image_size,
-        train=train,
-        min_scale=data_cfg.min_crop_scale,
-        text_cfg=tuple(sorted((k, v) for k, v in vars(text_cfg).items() if k != "hf_config")),
-        seed=data_cfg.seed,
-    )
     return ds.map_batches(
         preprocess_batch,
-        fn_kwargs=fn_kwargs,
+        fn_kwargs=preprocess_kwargs(data_cfg, text_cfg, image_size, train),
         batch_size=data_cfg.decode_batch_size,
         batch_format="numpy",
         num_cpus=data_cfg.decode_cpus,

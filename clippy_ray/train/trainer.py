@@ -125,18 +125,25 @@ def workers(t: config.TrainConfig) -> str:
     return f"{t.min_workers}-{t.max_workers} (elastic)" if t.elastic else str(t.num_workers)
 
 
-def describe(cfg: config.Config) -> list[str]:
-    """The start-up summary a person reads before the first step (driver side)."""
+def describe(cfg: config.Config, train: tuple[list[DataFile], Layout] | None = None) -> list[str]:
+    """The start-up summary a person reads before the first step (driver side). `train`: the run's
+    training shards and layout when `train_files` has listed them (not listed and read again)."""
     t, m = cfg.train, cfg.model
     data, detected = [], []
     for name, uri in (("train", cfg.data.train), ("val", cfg.data.val)):
         if uri:
-            layout = detect(uri, f"data.{name}", cfg.data.format, cfg.data.image_column, cfg.data.caption_column)
+            if name == "train" and train is not None:
+                files, layout = train
+            else:
+                layout = detect(uri, f"data.{name}", cfg.data.format, cfg.data.image_column, cfg.data.caption_column)
+                # counting a tar's samples can mean reading it: the run's manifest counts them once
+                files = list_files(uri, layout) if layout.format == "parquet" else None
             n = len(layout.shards)
-            if layout.format == "parquet":
-                rows = sum(f.rows for f in list_files(uri, layout))
-                data.append(f"{name} {uri} ({rows} rows, {n} file{'s' * (n != 1)})")
-            else:  # counting a tar's samples can mean reading it: the run's manifest counts them once
+            if files is not None:
+                unit = "rows" if layout.format == "parquet" else "samples"
+                kind = "file" if layout.format == "parquet" else f"{layout.format} shard"
+                data.append(f"{name} {uri} ({sum(f.rows for f in files)} {unit}, {n} {kind}{'s' * (n != 1)})")
+            else:
                 data.append(f"{name} {uri} ({n} {layout.format} shard{'s' * (n != 1)})")
             if cfg.data.format == "auto":
                 detected.append(f"detected {layout.note}")
@@ -308,7 +315,7 @@ def fit(
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     if console is not None:
-        for line in describe(cfg):
+        for line in describe(cfg, (files, layout)):
             console.line(line)
     events = EventQueue(console) if console is not None else contextlib.nullcontext()
     resize_lines = []
