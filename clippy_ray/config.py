@@ -118,13 +118,23 @@ class ModelConfig:
         return errors
 
 
+NEGATIVES = ("global", "micro")
+
+
 @dataclass
 class LossConfig:
     matmul_dtype: str = "auto"  # logits matmul dtype (auto: the training precision); softmax is always float32
     chunk_size: int | None = None  # columns per block of the fused loss (null: chosen from batch and device)
+    negatives: str = "global"  # with accumulation: global (each loss over the whole global batch; features
+    #                            cached, one extra forward per micro-batch) | micro (a loss per micro-batch)
 
     def check(self, path: str) -> list[str]:
         errors = []
+        if self.negatives not in NEGATIVES:
+            errors.append(
+                f"{path}.negatives: {self.negatives!r} is not one of {', '.join(NEGATIVES)} (global: the loss sees "
+                "the whole global batch; micro: each accumulated micro-batch is a loss of its own)"
+            )
         if self.matmul_dtype not in MATMUL_DTYPES:
             errors.append(f"{path}.matmul_dtype: {self.matmul_dtype!r} is not one of {', '.join(MATMUL_DTYPES)}")
         if self.chunk_size is not None and self.chunk_size < 1:

@@ -105,8 +105,12 @@ def test_train_dry_run_prints_the_plan_checks_weights_and_starts_nothing(tmp_pat
     assert f"data: train {tmp_path}/train (3 rows, 1 file)" in out
     assert f"detected data.train: parquet, 1 file(s) at {tmp_path}/train" in out
     assert "negatives per loss: 64 (the global batch)" in out  # 2 workers x 32, no accumulation
-    assert cli.main([*args, "train.grad_accum_steps=4"]) == 0
-    assert "negatives per loss: 16 (a micro-batch of 8 x workers; accumulated micro-batches are each a loss of " in (
+    assert cli.main([*args, "train.grad_accum_steps=4"]) == 0  # loss.negatives=global: features cached
+    assert "negatives per loss: 64 (the global batch: each step's micro-batches are embedded first" in (
+        capsys.readouterr().out
+    )
+    assert cli.main([*args, "train.grad_accum_steps=4", "loss.negatives=micro"]) == 0
+    assert "negatives per loss: 16 (a micro-batch of 8 x workers, loss.negatives=micro: accumulated micro-batches " in (
         capsys.readouterr().out
     )
     assert f"run folder: {tmp_path}/runs/clippy (new run)" in out and "dry run: nothing was started" in out

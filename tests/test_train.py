@@ -224,8 +224,9 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
     assert not all(torch.equal(after[k], before[k]) for k in moments)
 
 
-@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (3, "bf16")])
-def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, monkeypatch, stage, precision):
+# ZeRO-3 with accumulation: the loop's feature cache (loss.negatives=global) under Ray Train
+@pytest.mark.parametrize("stage, precision, accum", [(0, "fp32", 1), (3, "bf16", 2)])
+def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, monkeypatch, stage, precision, accum):
     from safetensors.torch import load_file
 
     from clippy_ray.model.clippy import build_model
@@ -248,6 +249,7 @@ def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, monkey
             "train.log_every=1",
             f"train.zero_stage={stage}",
             f"train.precision={precision}",
+            f"train.grad_accum_steps={accum}",
             "model.image.pretrained=vit.safetensors",
         )
     )

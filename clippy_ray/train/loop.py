@@ -24,6 +24,7 @@ from clippy_ray.tokenizer import build_tokenizer
 from clippy_ray.train import optim, shards
 from clippy_ray.train.checkpoint import download_legacy, full_state_dict, load_shards
 from clippy_ray.train.engine import build_engine, master_logit_scale
+from clippy_ray.train.feature_cache import cached_step
 from clippy_ray.train.progress import Progress
 from clippy_ray.train.state import (
     BATCHES_FILE,
@@ -193,6 +194,18 @@ def _resume_lines(state: TrainState, saved: dict, t: config.TrainConfig, bytes_r
     return resumed, resized
 
 
+def _stream_ended(stream: BatchStream, cfg: config.Config, step: int, device) -> RuntimeError:
+    """The error of a stream that ran out before train.steps, with the rows it read and skipped
+    (collective: every rank's counts)."""
+    counts = _mean_over_ranks(stream.counters(), device, total=tuple(stream.counters()))
+    why = ", ".join(f"{counts[k]:.0f} {k[8:].replace('_', ' ')}" for k in counts if k.startswith("skipped_"))
+    return RuntimeError(
+        f"data.train={cfg.data.train}: the stream ended at step {step} of {cfg.train.steps} after "
+        f"{counts['rows_seen']:.0f} rows ({counts['rows_skipped']:.0f} bad rows skipped: {why}); check the data "
+        "with `clippy-ray data inspect`"
+    )
+
+
 def _check_untrained(state: TrainState, batch: dict, source: str | None) -> None:
     """Stop, with the reason, if the stream hands out a row the restored state has trained on: it
     was built for another state than the one the workers restored."""
@@ -283,38 +296,47 @@ def train_loop(loop_config: dict) -> None:
     if resumed:
         resumed_line, resized_line = _resume_lines(state, saved, cfg.train, bytes_read, rows_per_epoch, device)
     progress.start("GPU" if device.type == "cuda" else "CPU", choice.reason, resumed_line, resized_line)
-    accum, micro = cfg.train.grad_accum_steps, 0
+    accum = cfg.train.grad_accum_steps
+    cached = accum > 1 and cfg.loss.negatives == "global"  # one loss over the whole global batch
+
+    def forward(batch):
+        return engine(*_inputs(batch, device, dtype))
+
+    def backward(surrogate):  # the micro-batches' surrogates sum to the step's loss: no 1/accum
+        engine.backward(surrogate, scale_wrt_gas=False)
+        engine.step()  # an optimizer step at the accumulation boundary only
+
     window = {"loss": 0.0, "n": 0}
     batches = iter(stream.epoch(state.data_position))
     preempted = False
     trained: list[np.ndarray] = []  # train.record_batches: this rank's rows since the last checkpoint
     while state.step < cfg.train.steps:
-        wait_start = time.perf_counter()
-        ok, batch = _next_batch(batches, device)
-        if not ok:
-            counts = _mean_over_ranks(stream.counters(), device, total=tuple(stream.counters()))
-            why = ", ".join(f"{counts[k]:.0f} {k[8:].replace('_', ' ')}" for k in counts if k.startswith("skipped_"))
-            raise RuntimeError(
-                f"data.train={cfg.data.train}: the stream ended at step {state.step} of {cfg.train.steps} after "
-                f"{counts['rows_seen']:.0f} rows ({counts['rows_skipped']:.0f} bad rows skipped: {why}); check the "
-                "data with `clippy-ray data inspect`"
-            )
-        _check_untrained(state, batch, resumed)
-        if cfg.train.record_batches:  # (step, rank, position) of each row, in training order
-            positions = batch["position"].numpy()
-            trained.append(
-                np.stack([np.full_like(positions, state.step + 1), np.full_like(positions, rank), positions], 1)
-            )
-        progress.data_wait(time.perf_counter() - wait_start)
-        img, txt, scale = engine(*_inputs(batch, device, dtype))
-        loss = loss_fn(img, txt, scale)
-        engine.backward(loss)
-        engine.step()
-        window["loss"] += loss.detach()  # read at log steps only: .item() waits for the GPU
-        window["n"] += 1
-        micro += 1
-        if micro % accum:
-            continue
+        group = []  # this step's micro-batches, with the feature cache
+        for _ in range(accum):
+            wait_start = time.perf_counter()
+            ok, batch = _next_batch(batches, device)
+            if not ok:
+                raise _stream_ended(stream, cfg, state.step, device)
+            _check_untrained(state, batch, resumed)
+            if cfg.train.record_batches:  # (step, rank, position) of each row, in training order
+                positions = batch["position"].numpy()
+                trained.append(
+                    np.stack([np.full_like(positions, state.step + 1), np.full_like(positions, rank), positions], 1)
+                )
+            progress.data_wait(time.perf_counter() - wait_start)
+            if cached:
+                group.append(batch)
+                continue
+            img, txt, scale = forward(batch)
+            loss = loss_fn(img, txt, scale)
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += loss.detach()  # read at log steps only: .item() waits for the GPU
+            window["n"] += 1
+        if cached:
+            loss, scale = cached_step(forward, backward, group, loss_fn, device)
+            window["loss"] += loss
+            window["n"] += 1
         state.step += 1
         progress.step_done(len(batch["image"]) * accum * world)
         metrics = {}

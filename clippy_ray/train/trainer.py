@@ -157,24 +157,32 @@ def describe(cfg: config.Config, train: tuple[list[DataFile], Layout] | None = N
         f"workers: {workers(t)} x ({per_worker}); batch {t.micro_batch_size} per worker x {t.grad_accum_steps} "
         f"accumulation{' at max' if t.elastic else ''} = {t.global_batch_size} pairs per step, {t.steps} steps"
         + (f", torch.compile ({t.compile_backend}; the first steps compile)" if t.compile else ""),
-        negatives_line(t),
+        negatives_line(t, cfg.loss.negatives),
         f"storage: {storage.join(t.storage, t.run_name)} (checkpoint every {t.checkpoint_every} steps, "
         f"last {t.keep_checkpoints} kept)",
     ]
 
 
-def negatives_line(t: config.TrainConfig) -> str:
-    """What the contrastive loss compares each pair against: every micro-batch's loss gathers that
-    micro-batch from every worker, so the negatives are micro-batch x workers, the global batch only
-    without accumulation."""
+def negatives_line(t: config.TrainConfig, negatives: str = "global") -> str:
+    """What the contrastive loss compares each pair against. Without accumulation, or with it under
+    loss.negatives=global (feature caching), the whole global batch; under micro, every
+    micro-batch's loss gathers that micro-batch from every worker: micro-batch x workers."""
+    accumulates = t.grad_accum_steps > 1 or t.elastic
+    if not accumulates:
+        return f"negatives per loss: {t.global_batch_size} (the global batch)"
+    if negatives == "global":
+        return (
+            f"negatives per loss: {t.global_batch_size} (the global batch: each step's micro-batches are embedded "
+            "first, the loss runs once over all of them, then each is re-run with a graph; one extra forward "
+            "per micro-batch)"
+        )
     sizes = [t.min_workers, t.max_workers] if t.elastic else [t.num_workers]
     counts = " to ".join(str(t.micro_batch_size * n) for n in sizes)
-    if t.grad_accum_steps == 1 and not t.elastic:
-        return f"negatives per loss: {counts} (the global batch)"
     at_max = f": the global batch at {t.max_workers} workers" if t.grad_accum_steps == 1 else ""
     return (
-        f"negatives per loss: {counts} (a micro-batch of {t.micro_batch_size} x workers{at_max}; accumulated "
-        f"micro-batches are each a loss of their own, not one over the {t.global_batch_size}-pair global batch)"
+        f"negatives per loss: {counts} (a micro-batch of {t.micro_batch_size} x workers{at_max}, loss.negatives=micro: "
+        f"accumulated micro-batches are each a loss of their own, not one over the {t.global_batch_size}-pair "
+        "global batch)"
     )
 
 
