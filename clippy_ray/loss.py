@@ -156,6 +156,74 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
         )
 
 
+class _SelfInfoNCE(torch.autograd.Function):
+    """The same loss when the local rows are the whole batch (one process, or validation): the
+    logits of texts -> images are the transpose of images -> texts, so each block's one matmul
+    serves both directions. A column block holds every row, so the texts' logsumexp over the images
+    is complete within it, while the images' runs over the blocks as in `_BlockwiseInfoNCE`.
+    Backward: G = P_row + P_col - 2I per block, one recomputed matmul and two for the gradients:
+    4 matmuls of N x N x E in all (the two-direction form: 8; OpenCLIP's full logits: 6)."""
+
+    @staticmethod
+    def forward(ctx, image, text, scale, block: int, dtype: torch.dtype):
+        n = image.shape[0]
+        tile = _row_tile(n, block, image.device)
+        s = scale.detach().reshape(1).float()
+        query = image.detach().to(dtype)
+        keys = text.detach()
+        run_max = torch.full((n,), float("-inf"), device=image.device)
+        run_sum = torch.zeros(n, device=image.device)
+        col_lse = torch.empty(n, device=image.device)
+        pos = torch.zeros(n, device=image.device)
+        for c0 in range(0, n, block):
+            dots = query @ keys[c0 : c0 + block].to(dtype).T  # [n, b]: image i . text c0 + j
+            diag, first = _positives(dots, -c0)
+            pos[first : first + diag.numel()] = diag * s
+            new_max = torch.maximum(run_max, dots.amax(dim=1) * s)  # images -> texts: rows, across blocks
+            run_sum.mul_(torch.exp(run_max - new_max))
+            run_max = new_max
+            col_max = dots.amax(dim=0).float() * s  # texts -> images: this block's columns, over every row
+            col_sum = torch.zeros(dots.shape[1], device=image.device)
+            for r0 in range(0, n, tile):
+                part = torch.mul(dots[r0 : r0 + tile], s)
+                run_sum[r0 : r0 + tile] += torch.sub(part, new_max[r0 : r0 + tile, None]).exp_().sum(dim=1)
+                col_sum += part.sub_(col_max).exp_().sum(dim=0)
+            col_lse[c0 : c0 + block] = col_max + col_sum.log()
+        lse = torch.stack([run_max + run_sum.log(), col_lse])  # [2, n]
+        ctx.save_for_backward(image, text, scale, lse)
+        ctx.block, ctx.dtype = block, dtype
+        return (lse - pos).mean(dim=1).sum() * 0.5
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        image, text, scale, lse = ctx.saved_tensors
+        n, dtype, block = image.shape[0], ctx.dtype, ctx.block
+        tile = _row_tile(n, block, image.device)
+        s = scale.detach().reshape(1).float()
+        query = image.detach().to(dtype)
+        keys = text.detach()
+        row_acc = torch.zeros(image.shape, device=image.device)  # sum_j G_ij text_j, float32
+        col = torch.empty(text.shape, device=image.device)  # sum_i G_ij image_i, float32
+        for c0 in range(0, n, block):
+            k = keys[c0 : c0 + block].to(dtype)
+            dots = query @ k.T
+            g = torch.empty_like(dots)  # G = P_row + P_col - 2I, in the matmul dtype
+            for r0 in range(0, n, tile):
+                part = torch.mul(dots[r0 : r0 + tile], s)
+                x = torch.sub(part, lse[0, r0 : r0 + tile, None]).exp_()
+                x += part.sub_(lse[1, None, c0 : c0 + block]).exp_()
+                _positives(x, r0 - c0)[0].sub_(2.0)  # in float32
+                g[r0 : r0 + tile] = x
+            row_acc += g @ k
+            col[c0 : c0 + block] = g.T @ query
+        coef = grad_loss.float() * 0.5 / n
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            grad_scale = (coef * (query.float() * row_acc).sum()).reshape(scale.shape).to(scale.dtype)
+        factor = coef * s
+        return row_acc.mul_(factor).to(image.dtype), col.mul_(factor).to(text.dtype), grad_scale, None, None
+
+
 def blockwise_loss(
     image: torch.Tensor,
     text: torch.Tensor,
@@ -170,6 +238,8 @@ def blockwise_loss(
     rows offset..offset+n are this rank's pairs; scale [1] or []. Columns per block: `block`, or
     `auto_block` when None."""
     block = block or auto_block(image.shape[0], all_text.shape[0], image.device)
+    if image is all_image and text is all_text and offset == 0:  # one process: each matmul serves both ways
+        return _SelfInfoNCE.apply(image, text, scale, block, dtype)
     return _BlockwiseInfoNCE.apply(image, text, all_image, all_text, scale, offset, block, dtype)
 
 

@@ -112,6 +112,42 @@ def test_fused_bf16_loss_is_as_close_to_float32_as_the_bf16_reference(monkeypatc
             assert ((a - b).norm() / b.norm()).item() < 2e-2
 
 
+def _whole_batch(n=40, d=16, seed=4):
+    image, text = embeddings(n, d, seed)
+    return image, text, torch.tensor([17.0])
+
+
+@pytest.mark.parametrize("block, tile", LAYOUTS)
+def test_one_process_loss_shares_each_matmul_and_equals_the_reference_in_float32(monkeypatch, block, tile):
+    """Local rows = the whole batch (one process, validation): one matmul per block serves both
+    directions (loss._SelfInfoNCE); the same loss and gradients as the full logits."""
+    if tile:
+        monkeypatch.setattr(loss_module, "CPU_TILE_LOGITS", tile)
+    calls = []
+    monkeypatch.setattr(
+        loss_module._SelfInfoNCE, "apply", lambda *a, _f=loss_module._SelfInfoNCE.apply: calls.append(1) or _f(*a)
+    )
+    fused = _loss_and_grads(lambda i, t, s: blockwise_loss(i, t, i, t, s, 0, torch.float32, block), *_whole_batch())
+    ref = _loss_and_grads(naive_loss, *_whole_batch())
+    assert calls, "the one-process path was not taken"
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=0)
+    for name, a, b in zip(("image", "text", "logit scale"), fused[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n} grad: {m}")
+
+
+@pytest.mark.parametrize("block, tile", LAYOUTS)
+def test_one_process_bf16_loss_is_as_close_to_float32_as_the_bf16_reference(monkeypatch, block, tile):
+    if tile:
+        monkeypatch.setattr(loss_module, "CPU_TILE_LOGITS", tile)
+    exact = _loss_and_grads(naive_loss, *_whole_batch())
+    loss, grads = _loss_and_grads(
+        lambda i, t, s: blockwise_loss(i, t, i, t, s, 0, torch.bfloat16, block), *_whole_batch()
+    )
+    assert loss.item() == pytest.approx(exact[0].item(), rel=2e-3)
+    for a, b in zip(grads, exact[1]):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
 def test_automatic_block_size_bounds_the_block_and_covers_small_batches():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert auto_block(32, 64, cpu) == 64  # the demo's batch: one block
