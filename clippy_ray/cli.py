@@ -65,6 +65,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, args.overrides)
     tokenizer = build_tokenizer(cfg.model.text)
+    torch.manual_seed(cfg.train.seed)  # the weights training starts from: the loop seeds the same way
     model = build_model(cfg.model, tokenizer.vocab_size).eval()
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     size = cfg.model.image.img_size
@@ -79,6 +80,11 @@ def cmd_model(args: argparse.Namespace) -> int:
         f"tokenizer {cfg.model.text.tokenizer!r} ({tokenizer.vocab_size} tokens)"
     )
     print(f"total        {count(model) / 1e6:.2f}M parameters, embedding dim {cfg.model.embed_dim}")
+    if args.out:
+        from clippy_ray.model.handoff import export_handoff
+
+        export_handoff(model, model.state_dict(), cfg, tokenizer, args.out)
+        print(f"step-0 model (train.seed={cfg.train.seed}): {args.out} (eval --checkpoint and segment read it)")
     return 0
 
 
@@ -390,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
     p = sub.add_parser("model", help="build the model a config describes and print its size")
     _add_config_args(p)
+    p.add_argument(
+        "--out",
+        help="also write it as a handoff checkpoint to this local folder: the step-0 model (pretrained towers, "
+        "projections initialized from train.seed) to evaluate as a baseline",
+    )
     p.set_defaults(func=cmd_model)
     _add_data_parser(sub)
     p = sub.add_parser("train", help="train (or resume) a run: Ray Train workers + DeepSpeed ZeRO")

@@ -62,9 +62,18 @@ class ImageConfig:
     img_size: int = 224  # training resolution; any multiple of the patch size works at eval
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 2, embed_dim: 64}
     grad_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+    frozen_blocks: int = 0  # not trained: the patch and position embeddings and the first N blocks
+    #                         (-1: the whole ViT, its final norm too; the projection always trains)
+    pos_embed_grid: int | None = None  # the position-embedding grid the ViT keeps (null: img_size / patch,
+    #   the pretrained grid resampled to it once at load); e.g. 37 keeps DINOv2's own 518 px grid,
+    #   resampled to each input's grid in every forward, so evaluating at 2x img_size resamples it once
 
     def check(self, path: str) -> list[str]:
         errors = []
+        if self.pos_embed_grid is not None and self.pos_embed_grid < 1:
+            errors.append(f"{path}.pos_embed_grid: {self.pos_embed_grid} must be >= 1 (or null: img_size / patch)")
+        if self.frozen_blocks < -1:
+            errors.append(f"{path}.frozen_blocks: {self.frozen_blocks} must be >= 0 (or -1: the whole ViT)")
         if self.img_size <= 0:
             errors.append(f"{path}.img_size: {self.img_size} must be a positive number of pixels")
         for bad in ("num_classes", "dynamic_img_size", "img_size", "pretrained"):
@@ -84,9 +93,21 @@ class TextConfig:
     tokenizer: str = "byte"  # "byte" (ByT5, needs no file) or a tokenizer folder URI
     max_length: int = 64  # tokens per caption (longer ones are cut)
     grad_checkpointing: bool = False  # transformers' own: recompute each layer in the backward (less memory)
+    frozen_layers: int = 0  # not trained: the token embedding and the first N layers (-1: the whole
+    #                         encoder, run without dropout; the projection always trains)
+    cache_embeddings: bool = False  # with frozen_layers -1: each distinct caption's pooled encoder output
+    #                                 kept (up to 65,536 per worker), so a repeated caption skips the encoder
 
     def check(self, path: str) -> list[str]:
-        return out_of_range(path, self, ">= 1", ("max_length",))
+        errors = out_of_range(path, self, ">= 1", ("max_length",))
+        if self.frozen_layers < -1:
+            errors.append(f"{path}.frozen_layers: {self.frozen_layers} must be >= 0 (or -1: the whole encoder)")
+        if self.cache_embeddings and self.frozen_layers != -1:
+            errors.append(
+                f"{path}.cache_embeddings: needs {path}.frozen_layers=-1 (a caption's embedding is fixed only "
+                "while the whole encoder is)"
+            )
+        return errors
 
 
 @dataclass
@@ -451,7 +472,18 @@ class Config:
             + self.data.check("data")
             + self.train.check("train")
             + self.eval.check("eval")
+            + self._check_across()
         )
+
+    def _check_across(self) -> list[str]:
+        if self.model.text.cache_embeddings and self.train.zero_stage == 3:
+            # ZeRO-3 gathers a module's parameters in its forward, a collective: a rank whose batch is
+            # all cached would skip it while the others wait
+            return [
+                "model.text.cache_embeddings: not with train.zero_stage=3 (a rank that skips the encoder would "
+                "leave the others waiting in its parameter gather); use zero_stage 1 or 2"
+            ]
+        return []
 
 
 # ---------------------------------------------------------------- building from plain data

@@ -28,10 +28,26 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback():
 
 
 @pytest.mark.integration  # a fresh interpreter importing torch, timm, transformers (and DeepSpeed)
-def test_model_command_builds_the_demo_model():
-    out = run("model", "--config", "configs/demo.yaml")
+def test_model_command_builds_the_demo_model_and_writes_the_step_0_model(tmp_path):
+    import torch
+
+    from clippy_ray import config
+    from clippy_ray.model import build_model
+    from clippy_ray.model.handoff import load_handoff
+    from clippy_ray.tokenizer import build_tokenizer
+
+    out = run("model", "--config", "configs/demo.yaml", "--out", str(tmp_path / "step0"), "train.seed=3")
     assert out.returncode == 0, out.stderr
     assert "64px -> 8x8 feature map, aggregation=max" in out.stdout
+    assert f"step-0 model (train.seed=3): {tmp_path / 'step0'}" in out.stdout
+    # the weights training with train.seed=3 starts from, as a checkpoint eval reads
+    saved, _, _ = load_handoff(str(tmp_path / "step0"))
+    cfg = config.load("configs/demo.yaml", ["train.seed=3"])
+    torch.manual_seed(3)
+    fresh = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size)
+    expected, got = fresh.state_dict(), saved.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 @pytest.mark.integration  # a fresh interpreter importing torch, timm, transformers (and DeepSpeed)

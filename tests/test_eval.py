@@ -165,6 +165,36 @@ def test_seg_on_hand_set_features_scores_1_when_right_and_the_computed_value_whe
     )
 
 
+def test_seg_reports_background_and_foreground_the_other_background_mode_and_the_largest_object_floor(
+    hand_evaluator,
+):
+    ev = hand_evaluator(resolution=64)
+    cells = np.kron(np.array([[0, 1, 1, 1], [0, 1, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]), np.ones((2, 2), int))
+    truth = np.kron(cells, np.ones((8, 8), int))  # 64 x 64 px; red is the largest object
+    part = TASKS["seg"].run(ev, [Sample("a", _paint(cells), truth)])
+    out = TASKS["seg"].reduce({"eval": [part]}, ev.data)
+    # right but for a few pixels where three regions' features are upsampled into each other
+    iou = out["per_class_iou"]
+    assert out["miou"] > 99 and out["background_iou"] == iou["background"] > 99
+    assert out["foreground_miou"] == pytest.approx(np.mean([iou["red"], iou["green"], iou["blue"]]))
+    # with a threshold on its best foreground class instead, the boundary pixels, where features
+    # are blended and no class is 0.9 likely, become background: lower, not lost
+    assert out["other_mode"]["background"] == "threshold" and 80 < out["other_mode"]["miou"] < out["miou"]
+    # the floor paints all 4,096 px red: background 0 of 512, red 1,536 of 4,096, green and blue 0
+    floor = out["floor_largest_object"]
+    assert floor["miou"] == pytest.approx(100 * 0.375 / 4)
+    assert floor["background_iou"] == 0 and floor["foreground_miou"] == pytest.approx(100 * 0.375 / 3)
+    lines = "\n".join(TASKS["seg"].report_details(out))
+    assert "| floor: every pixel the image's largest object (from the truth) | 9.38 | 0.00 | 12.50 |" in lines
+
+
+def test_the_largest_object_floor_ignores_unscored_pixels_and_gives_background_without_an_object():
+    truth = np.array([[0, 0, 2], [1, 255, 255], [255, 255, 255]])
+    assert metrics.largest_object_map(truth, True).tolist() == [[1, 1, 1]] * 3  # a tie: the lower id
+    assert metrics.largest_object_map(np.zeros((2, 2), int), True).tolist() == [[0, 0]] * 2
+    assert metrics.largest_object_map(truth, False)[0, 0] == 0  # without background, 0 is a class
+
+
 def test_threshold_background_marks_low_confidence_locations_as_background():
     scores = torch.tensor([[[0.9, 0.30]], [[0.1, 0.31]]])  # 2 foreground classes, 1x2 map
     assert label_map(scores, "threshold", 0.9, 100.0).tolist() == [[1, 0]]  # clear win; a tie -> background

@@ -202,3 +202,95 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _trained(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _step(model, tok):
+    model.train()
+    images, ids, mask = batch(tok)
+    img, txt, scale = model(images, ids, mask)
+    loss = F.cross_entropy(scale * img @ txt.T, torch.arange(4))
+    loss.backward()
+    return loss
+
+
+def test_frozen_blocks_train_only_the_later_blocks_with_the_same_gradients():
+    no_dropout = "model.text.hf_config={num_layers: 2, d_model: 32, d_kv: 8, num_heads: 4, d_ff: 64, dropout_rate: 0.0}"
+    torch.manual_seed(0)
+    plain, tok = make(no_dropout)
+    torch.manual_seed(0)
+    frozen, _ = make(no_dropout, "model.image.frozen_blocks=1", "model.text.frozen_layers=1")
+    frozen.load_state_dict(plain.state_dict())
+    for model in (plain, frozen):
+        _step(model, tok)
+    trained = _trained(frozen)
+    assert not {n for n in trained if n.startswith(("image.vit.patch_embed", "image.vit.blocks.0.", "image.vit.cls"))}
+    assert "image.vit.pos_embed" not in trained and "image.vit.blocks.1.attn.qkv.weight" in trained
+    assert "text.encoder.shared.weight" not in trained and not {n for n in trained if ".block.0." in n}
+    assert {"text.encoder.encoder.block.1.layer.0.SelfAttention.q.weight", "image.proj.weight"} <= trained
+    # freezing changes which parameters train, not the gradients of those that do
+    grads = dict(plain.named_parameters())
+    for name, param in frozen.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, grads[name].grad, msg=name)
+    # the optimizer holds the trained parameters only
+    from clippy_ray.train.optim import param_groups
+
+    held = {id(p) for g in param_groups(frozen, 0.1) for p in g["params"]}
+    assert held == {id(p) for p in frozen.parameters() if p.requires_grad} and len(held) < len(
+        list(frozen.parameters())
+    )
+
+
+def test_a_wholly_frozen_tower_trains_its_projection_only_and_the_text_encoder_runs_without_dropout():
+    model, tok = make("model.image.frozen_blocks=-1", "model.text.frozen_layers=-1")
+    model.train()
+    assert not model.text.encoder.training and model.image.training  # dropout off in the frozen encoder
+    _step(model, tok)
+    assert {n for n in _trained(model)} == {"image.proj.weight", "text.proj.weight", "logit_scale"}
+
+
+def test_cached_caption_embeddings_equal_the_encoders_and_skip_it_for_a_seen_caption():
+    common = ("model.text.frozen_layers=-1",)
+    torch.manual_seed(0)
+    cached, tok = make(*common, "model.text.cache_embeddings=true")
+    torch.manual_seed(0)
+    plain, _ = make(*common)
+    plain.load_state_dict(cached.state_dict())
+    cached.train(), plain.train()
+    calls = []
+    cached.text.encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    _, ids, mask = batch(tok)
+    first = cached.encode_text(ids, mask)
+    torch.testing.assert_close(first, plain.encode_text(ids, mask))
+    again = cached.encode_text(ids.flip(0), mask.flip(0))  # the same captions, another order
+    torch.testing.assert_close(again, first.flip(0))
+    assert len(calls) == 1  # the second batch was all cached
+    again.sum().backward()  # the projection still trains
+    assert cached.text.proj.weight.grad is not None
+
+
+def test_freezing_settings_are_checked():
+    from clippy_ray import config
+    from clippy_ray.errors import InputError
+
+    with pytest.raises(InputError, match="model.image.frozen_blocks=3: the ViT has 2 blocks"):
+        make("model.image.frozen_blocks=3")
+    with pytest.raises(config.ConfigError, match="cache_embeddings: needs model.text.frozen_layers=-1"):
+        tiny_config("model.text.cache_embeddings=true")
+    with pytest.raises(config.ConfigError, match="not with train.zero_stage=3"):
+        tiny_config("model.text.frozen_layers=-1", "model.text.cache_embeddings=true", "train.zero_stage=3")
+
+
+def test_pos_embed_grid_keeps_a_finer_position_grid_resampled_to_each_input():
+    model, tok = make("model.image.pos_embed_grid=8")  # img_size 32, patch 8: 4x4 by default
+    default, _ = make()
+    assert default.image.vit.pos_embed.shape[1] == 1 + 16 and model.image.vit.pos_embed.shape[1] == 1 + 64
+    images, ids, mask = batch(tok)
+    img, _, _ = model(images, ids, mask)
+    assert img.shape == (4, 16)
+    with torch.no_grad():
+        assert model.dense_features(torch.randn(1, 3, 64, 64)).shape == (1, 8, 8, 16)  # the kept grid, as is

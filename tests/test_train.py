@@ -224,9 +224,16 @@ def test_zero2_bf16_run_checkpoints_to_s3_and_a_second_invocation_resumes_its_st
     assert not all(torch.equal(after[k], before[k]) for k in moments)
 
 
-# ZeRO-3 with accumulation: the loop's feature cache (loss.negatives=global) under Ray Train
-@pytest.mark.parametrize("stage, precision, accum", [(0, "fp32", 1), (3, "bf16", 2)])
-def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, monkeypatch, stage, precision, accum):
+# ZeRO-0 with a frozen text encoder whose caption embeddings are cached; ZeRO-3 with accumulation
+# (the loop's feature cache, loss.negatives=global) and the first ViT block and T5 layer frozen
+@pytest.mark.parametrize(
+    "stage, precision, accum, frozen",
+    [
+        (0, "fp32", 1, ["model.text.frozen_layers=-1", "model.text.cache_embeddings=true"]),
+        (3, "bf16", 2, ["model.image.frozen_blocks=1", "model.text.frozen_layers=1"]),
+    ],
+)
+def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, monkeypatch, stage, precision, accum, frozen):
     from safetensors.torch import load_file
 
     from clippy_ray.model.clippy import build_model
@@ -251,13 +258,22 @@ def test_zero_stage_0_and_3_paths_train_steps(ray_local, bench, tmp_path, monkey
             f"train.precision={precision}",
             f"train.grad_accum_steps={accum}",
             "model.image.pretrained=vit.safetensors",
+            *frozen,
         )
     )
     assert result.metrics["step"] == 2 and np.isfinite(result.metrics["loss"])
     trained = load_file(str(Path(result.checkpoint.path) / "model" / "model.safetensors"))
+
     # two small steps from the pretrained tower, not from a random one
-    delta = (trained["image.vit.blocks.0.attn.qkv.weight"].float() - source.blocks[0].attn.qkv.weight).abs().max()
-    assert delta < 0.02  # Adam moves a weight by about lr (2e-3) a step; another random init: ~0.1
+    def moved(block: int) -> float:
+        name = f"image.vit.blocks.{block}.attn.qkv.weight"
+        return (
+            (trained[name].float() - source.blocks[block].attn.qkv.weight.to(trained[name].dtype).float()).abs().max()
+        )
+
+    assert 0 < moved(1) < 0.02  # Adam moves a weight by about lr (2e-3) a step; another random init: ~0.1
+    if "model.image.frozen_blocks=1" in frozen:
+        assert moved(0) == 0  # frozen: exactly the pretrained weights (in the checkpoint's dtype)
 
 
 def _train_workers() -> list[psutil.Process]:

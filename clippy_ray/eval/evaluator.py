@@ -220,11 +220,13 @@ class Evaluator:
             for j in range(dense.shape[0]):
                 yield samples[start + j], dense[j]
 
-    def predict(self, sample: Sample, dense: torch.Tensor) -> np.ndarray:
-        """[H, W] class ids at the mask's (or image's) size, under the background mode."""
-        classifier = self.fg if self.background == "threshold" else self.all
+    def predict(self, sample: Sample, dense: torch.Tensor, background: str | None = None) -> np.ndarray:
+        """[H, W] class ids at the mask's (or image's) size, under the background mode (`background`,
+        else the evaluation's)."""
+        background = background or self.background
+        classifier = self.fg if background == "threshold" else self.all
         scores = score_maps(dense, classifier, _label_size(sample))
-        return label_map(scores, self.background, self.cfg.bg_threshold, self.scale).cpu().numpy()
+        return label_map(scores, background, self.cfg.bg_threshold, self.scale).cpu().numpy()
 
     def groups(self, sample: Sample, dense: torch.Tensor) -> np.ndarray:
         """[H, W] unsupervised group ids (PCA of the dense map) at the mask's (or image's) size."""

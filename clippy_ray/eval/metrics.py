@@ -46,6 +46,18 @@ def mean_iou(conf: np.ndarray) -> float:
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
 
+def largest_object_map(truth: np.ndarray, has_background: bool, ignore: int = IGNORE) -> np.ndarray:
+    """Every pixel the class that covers most of the truth's pixels (background aside where there
+    is one): the prediction of a model that names the main object and segments nothing. A truth
+    with no object gives background (0)."""
+    valid = truth[truth != ignore].astype(np.int64)
+    counts = np.bincount(valid, minlength=1)
+    if has_background:
+        counts[0] = 0
+    label = int(counts.argmax()) if counts.any() else 0
+    return np.full(truth.shape, label, dtype=np.int64)
+
+
 def matched_jaccard(
     groups: np.ndarray, segments: np.ndarray, ignore: int = IGNORE, include_background: bool = True
 ) -> list[float]:

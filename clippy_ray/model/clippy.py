@@ -78,7 +78,9 @@ def build_model(
         encoder = load_text_encoder(cfg.text.pretrained, cfg.text.hf_config)
     else:
         encoder = encoder_from_config(text_config(cfg.text, vocab_size))
-    text = TextTower(encoder, cfg.embed_dim, cfg.text.grad_checkpointing)
+    text = TextTower(
+        encoder, cfg.embed_dim, cfg.text.grad_checkpointing, cfg.text.frozen_layers, cfg.text.cache_embeddings
+    )
     if text.vocab_size < vocab_size:
         raise InputError(
             f"model.text: the tokenizer has {vocab_size} tokens but the text encoder embeds only "

@@ -35,6 +35,38 @@ def keep_random_tokens(tokens: torch.Tensor, keep: int) -> torch.Tensor:
     return tokens.gather(1, idx.unsqueeze(-1).expand(n, keep, dim))
 
 
+def _create_vit(cfg: ImageConfig, img_size: int) -> nn.Module:
+    """The timm ViT the config names, its position embeddings on the grid of `img_size` (any input
+    size runs: dynamic_img_size resamples them to the input's grid)."""
+    try:
+        return timm.create_model(
+            cfg.name, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size, **cfg.timm_kwargs
+        )
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"model.image.name={cfg.name!r} with timm_kwargs={cfg.timm_kwargs}: {err}") from None
+
+
+def freeze_vit(vit: nn.Module, blocks: int) -> int:
+    """Stop training the embeddings and the first `blocks` blocks of a timm ViT (-1: all of it, its
+    final norm too) -> the number of blocks frozen. Nothing before the first trained block then
+    needs a gradient, so autograd records none of it: those blocks cost a forward only."""
+    if blocks == 0:
+        return 0
+    depth = len(vit.blocks)
+    if blocks > depth:
+        raise InputError(f"model.image.frozen_blocks={blocks}: the ViT has {depth} blocks (use -1 for all of it)")
+    blocks = depth if blocks == -1 else blocks
+    for name, param in vit.named_parameters():
+        top = name.split(".")[0]
+        if top == "blocks":
+            param.requires_grad_(int(name.split(".")[1]) >= blocks)
+        elif top in ("norm", "fc_norm", "head", "head_drop"):
+            param.requires_grad_(blocks < depth)
+        else:  # patch_embed, pos_embed, cls_token, reg_token, norm_pre
+            param.requires_grad_(False)
+    return blocks
+
+
 class ImageTower(DeviceKernels):
     def __init__(
         self,
@@ -45,17 +77,9 @@ class ImageTower(DeviceKernels):
         keep_count: int | None = None,
     ):
         super().__init__()
-        try:
-            self.vit = timm.create_model(
-                cfg.name,
-                pretrained=False,
-                num_classes=0,
-                dynamic_img_size=True,
-                img_size=cfg.img_size,
-                **cfg.timm_kwargs,
-            )
-        except (RuntimeError, TypeError) as err:
-            raise InputError(f"model.image.name={cfg.name!r} with timm_kwargs={cfg.timm_kwargs}: {err}") from None
+        self.vit = _create_vit(cfg, cfg.img_size)
+        if cfg.pos_embed_grid:  # built again with the position embeddings of that grid
+            self.vit = _create_vit(cfg, cfg.pos_embed_grid * self.vit.patch_embed.patch_size[0])
         self.grad_checkpointing = cfg.grad_checkpointing
         if not all(hasattr(self.vit, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm")):
             raise InputError(f"model.image.name={cfg.name!r} is not a timm VisionTransformer")
@@ -69,6 +93,7 @@ class ImageTower(DeviceKernels):
         self.keep_ratio = keep_ratio
         self.keep_count = keep_count
         self.proj = nn.Linear(self.vit.embed_dim, embed_dim, bias=False)
+        self.frozen_blocks = freeze_vit(self.vit, cfg.frozen_blocks)
         self._kernels_for(self.proj.weight.device)  # the device it was built on
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
