@@ -410,7 +410,7 @@ def fits_section(args, device) -> dict:
                 best, size = size, size * 2
             found[variant] = best
         # half the micro-batch the plain step fits: headroom for the step's embeddings and the loss
-        micro, accum, best = max(found["plain"] // 2, 1), 2, found["plain"]
+        micro, accum, best = found["plain"] // 2, 2, found["plain"]
         while (
             micro and micro * accum <= args.fits_cap and _peak_of_step(cls, args, micro, accum, False, device) <= budget
         ):
@@ -422,7 +422,7 @@ def fits_section(args, device) -> dict:
             f"fits in {args.budget_mib} MiB, {name}: {found['plain']} pairs plain, {found['checkpointing']} with "
             f"activation checkpointing, {found['cached']}{' (the cap)' if found['capped'] else ''} with feature "
             "caching "
-            f"({found['cached'] / max(found['plain'], 1):.0f}x plain"
+            + (f"({found['cached'] / found['plain']:.0f}x plain" if found["plain"] else "(nothing fits plain")
             + (", goal >= 8x)" if name == "clippy_ray" else ")")
         )
     return out
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accum", type=int, default=4, help="step: micro-batches of the cached step")
     # what fits
     parser.add_argument("--budget-mib", type=int, default=256, help="fits: the memory budget")
-    parser.add_argument("--fits-start", type=int, default=32)
+    parser.add_argument("--fits-start", type=int, default=8)
     parser.add_argument("--fits-cap", type=int, default=4096)
     common.add_json_argument(parser)
     args = parser.parse_args(argv)
