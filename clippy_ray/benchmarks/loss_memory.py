@@ -39,8 +39,10 @@ def losses(dtype: torch.dtype, block: int | None) -> dict[str, Callable]:
 
 
 def measure(fn: Callable, inputs: list[torch.Tensor], scale: torch.Tensor) -> dict:
-    """One forward + backward: {seconds, peak_bytes (above the inputs), loss}."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
+    """One forward + backward: {seconds, peak_bytes (above the inputs), loss}. Inputs that are one
+    tensor (one process: the gathered columns are the local rows) stay one leaf."""
+    first = {}
+    leaves = [first.setdefault(id(t), t.detach().requires_grad_()) for t in inputs]
     device = inputs[0].device
     with PeakMemory(device) as memory:
         synchronize(device)

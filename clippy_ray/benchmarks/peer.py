@@ -38,7 +38,7 @@ from clippy_ray import config
 from clippy_ray._compat import patch_torchvision_ops
 from clippy_ray.benchmarks import common
 from clippy_ray.benchmarks.common import PeakMemory, spread, synchronize
-from clippy_ray.benchmarks.loss_memory import rank_inputs
+from clippy_ray.benchmarks.loss_memory import measure, rank_inputs
 from clippy_ray.loss import ContrastiveLoss, blockwise_loss
 from clippy_ray.precision import TORCH_DTYPES
 
@@ -78,19 +78,6 @@ def openclip_loss(world: int, all_image: torch.Tensor, all_text: torch.Tensor):
     return forward
 
 
-def _fwd_bwd(fn, inputs, scale, device) -> dict:
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    if leaves[0].data_ptr() == leaves[2].data_ptr():  # one process: the columns are the rows
-        leaves[2], leaves[3] = leaves[0], leaves[1]
-    with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        loss = fn(*leaves, scale)
-        loss.backward()
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_bytes": memory.peak, "loss": loss.item()}
-
-
 def exact_loss(image, text, all_image, all_text, scale) -> float:
     """The loss in float64 over the full logits (what both approximate)."""
     i, t, ai, at = (x.double() for x in (image, text, all_image, all_text))
@@ -116,11 +103,11 @@ def loss_section(args, device) -> dict:
             }
             exact = exact_loss(*inputs, scale)
             for fn in candidates.values():
-                _fwd_bwd(fn, inputs, scale, device)  # warm-up
+                measure(fn, inputs, scale)  # warm-up
             runs = {k: [] for k in candidates}
             for _ in range(args.reps):
                 for k, fn in candidates.items():
-                    runs[k].append(_fwd_bwd(fn, inputs, scale, device))
+                    runs[k].append(measure(fn, inputs, scale))
             case = {
                 k: {m: spread([r[m] for r in rs]) for m in ("seconds", "peak_bytes", "loss")} for k, rs in runs.items()
             }
