@@ -294,3 +294,13 @@ def test_pos_embed_grid_keeps_a_finer_position_grid_resampled_to_each_input():
     assert img.shape == (4, 16)
     with torch.no_grad():
         assert model.dense_features(torch.randn(1, 3, 64, 64)).shape == (1, 8, 8, 16)  # the kept grid, as is
+
+
+def test_a_bert_like_encoders_embeddings_and_first_layers_freeze():
+    bert = ("model.text.model_type=bert", "model.text.hf_config={hidden_size: 32, num_hidden_layers: 2, "
+            "num_attention_heads: 2, intermediate_size: 64}", "model.text.frozen_layers=1")  # fmt: skip
+    model, _ = make(*bert)
+    trains = {n: p.requires_grad for n, p in model.text.named_parameters()}
+    assert not any(v for n, v in trains.items() if n.startswith(("encoder.embeddings.", "encoder.encoder.layer.0.")))
+    assert all(v for n, v in trains.items() if n.startswith("encoder.encoder.layer.1."))
+    assert trains["proj.weight"]

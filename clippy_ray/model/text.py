@@ -77,6 +77,8 @@ def freeze_encoder(encoder: PreTrainedModel, layers: int) -> bool:
         encoder.requires_grad_(False)
         return True
     encoder.get_input_embeddings().requires_grad_(False)
+    if hasattr(encoder, "embeddings"):  # BERT-like: position and type embeddings and their norm too
+        encoder.embeddings.requires_grad_(False)
     for block in list(blocks)[:layers]:
         block.requires_grad_(False)
     return False
@@ -152,7 +154,7 @@ class TextTower(DeviceKernels):
                 hidden = self.encoder(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).last_hidden_state
                 pooled = mean_pool(hidden, attention_mask[rows])
             for i, row in zip(missing, pooled):
-                self.cache[keys[i]] = row
+                self.cache[keys[i]] = row.clone()  # not a view that keeps the whole batch alive
         for k in keys:
             self.cache.move_to_end(k)
         while len(self.cache) > CACHE_ENTRIES:
