@@ -18,13 +18,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $(STAMP)
 
-# Two pytest workers, each taking whole files (a file's shared Ray session, simulated cluster or
-# spawned DeepSpeed ranks stay on one worker); the longest files go first (tests/conftest.py).
-# Much of an integration test is waiting on processes, so two overlap on two cores. TEST_WORKERS=0
-# runs them one after another in this process.
-TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # Unit tests only (no Ray, DeepSpeed, S3 server or subprocess): under a minute.
 test-fast: setup

@@ -29,20 +29,10 @@ TINY = [
 INTEGRATION_FIXTURES = {"ray_local", "s3_server", "bucket"}
 
 
-# The files that take longest (minutes each on a 2-core box), in the order `make test`'s two
-# workers should start them: with whole files per worker, the longest first keeps both busy to the end.
-LONGEST_FIRST = (
-    "test_multinode.py", "test_train.py", "test_during_training.py", "test_formats.py", "test_sweep.py",
-    "test_console.py", "test_resume.py", "test_bad_input.py", "test_precision.py",
-)  # fmt: skip
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if INTEGRATION_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.integration)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
 
 
 def tiny_config(*overrides: str) -> config.Config:
