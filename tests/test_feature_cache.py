@@ -132,7 +132,7 @@ def _engine_run(cfg_overrides, rank, pairs, steps):
     """The full weights after `steps` steps of the training loop's own forward / backward through
     DeepSpeed (fp32), each step on the same global batch, cached when accumulating."""
     from clippy_ray.train.checkpoint import full_state_dict
-    from clippy_ray.train.engine import build_engine
+    from clippy_ray.train.engine import build_engine, cached_engine_step
 
     cfg = tiny_config(
         *PLAIN, f"train.num_workers={WORLD}", f"train.global_batch_size={MICRO * ACCUM * WORLD}",
@@ -146,14 +146,9 @@ def _engine_run(cfg_overrides, rank, pairs, steps):
     images, ids, mask = (t[local] for t in pairs)
     batches = [(images[k : k + size], ids[k : k + size], mask[k : k + size]) for k in range(0, len(images), size)]
     loss_fn, losses = ContrastiveLoss(torch.float32), []
-
-    def backward(surrogate):
-        engine.backward(surrogate, scale_wrt_gas=False)
-        engine.step()
-
     for _ in range(steps):
         if len(batches) > 1:
-            loss, _ = cached_step(lambda b: engine(*b), backward, batches, loss_fn, torch.device("cpu"))
+            loss, _ = cached_engine_step(engine, lambda b: engine(*b), batches, loss_fn, torch.device("cpu"))
         else:
             img, txt, scale = engine(*batches[0])
             loss = loss_fn(img, txt, scale)

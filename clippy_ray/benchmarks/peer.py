@@ -223,23 +223,17 @@ class ClippyStack:
         self.device = device
 
     def step(self, batches: list[tuple]) -> None:
-        from clippy_ray.train.feature_cache import cached_step
-
-        engine = self.engine
+        from clippy_ray.train.engine import cached_engine_step
 
         def forward(b):
-            return engine(b[0].to(self.dtype), b[1], b[2])
-
-        def backward(surrogate):
-            engine.backward(surrogate, scale_wrt_gas=False)
-            engine.step()
+            return self.engine(b[0].to(self.dtype), b[1], b[2])
 
         if len(batches) > 1:
-            cached_step(forward, backward, batches, self.loss, self.device)
+            cached_engine_step(self.engine, forward, batches, self.loss, self.device)
         else:
             loss = self.loss(*forward(batches[0]))
-            engine.backward(loss)
-            engine.step()
+            self.engine.backward(loss)
+            self.engine.step()
 
     def parameters(self):
         return self.engine.module.parameters()

@@ -234,3 +234,17 @@ def lamb_pieces(engine) -> dict[int, list[tuple[int, int, int]]]:
         address = mapping.hp_fragment_address
         pieces[flat.data_ptr()].append((index, address.start, address.numel))
     return pieces
+
+
+def cached_engine_step(engine, forward, batches, loss_fn, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of `engine` over this rank's micro-batches with the feature cache
+    (`feature_cache.cached_step`): the micro-batches' surrogates sum to the step's loss, so
+    DeepSpeed's backward runs without its 1/accumulation scaling; its step() steps the optimizer at
+    the accumulation boundary only. -> (this rank's loss, the scale), detached."""
+    from clippy_ray.train.feature_cache import cached_step
+
+    def backward(surrogate: torch.Tensor) -> None:
+        engine.backward(surrogate, scale_wrt_gas=False)
+        engine.step()
+
+    return cached_step(forward, backward, batches, loss_fn, device)

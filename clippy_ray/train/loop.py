@@ -23,8 +23,7 @@ from clippy_ray.model.handoff import HANDOFF_DIR, export_handoff, load_weights
 from clippy_ray.tokenizer import build_tokenizer
 from clippy_ray.train import optim, shards
 from clippy_ray.train.checkpoint import download_legacy, full_state_dict, load_shards
-from clippy_ray.train.engine import build_engine, master_logit_scale
-from clippy_ray.train.feature_cache import cached_step
+from clippy_ray.train.engine import build_engine, cached_engine_step, master_logit_scale
 from clippy_ray.train.progress import Progress
 from clippy_ray.train.state import (
     BATCHES_FILE,
@@ -302,10 +301,6 @@ def train_loop(loop_config: dict) -> None:
     def forward(batch):
         return engine(*_inputs(batch, device, dtype))
 
-    def backward(surrogate):  # the micro-batches' surrogates sum to the step's loss: no 1/accum
-        engine.backward(surrogate, scale_wrt_gas=False)
-        engine.step()  # an optimizer step at the accumulation boundary only
-
     window = {"loss": 0.0, "n": 0}
     batches = iter(stream.epoch(state.data_position))
     preempted = False
@@ -334,7 +329,7 @@ def train_loop(loop_config: dict) -> None:
             window["loss"] += loss.detach()  # read at log steps only: .item() waits for the GPU
             window["n"] += 1
         if cached:
-            loss, scale = cached_step(forward, backward, group, loss_fn, device)
+            loss, scale = cached_engine_step(engine, forward, group, loss_fn, device)
             window["loss"] += loss
             window["n"] += 1
         state.step += 1
