@@ -5,6 +5,7 @@ dotted config key or one of the paper's named presets (no Ray needed for those).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -362,3 +363,41 @@ def test_seed_axes_fold_into_one_line_per_setting_with_every_seeds_value(tmp_pat
     # a sweep without a seed axis has no such section
     plain, _ = load_sweep(_sweep_file(tmp_path, {"aggregation": ["max"]}))
     assert over_seeds(plain, rows) == ""
+
+
+def test_paired_differences_over_seeds_match_a_hand_computed_t_test(tmp_path):
+    from clippy_ray.tune.results import paired_t, paired_tests, write_results
+
+    # differences 30, 32.5, 30: mean 30.8333, SD sqrt(25/12), t = mean / (SD / sqrt 3) = 37.0;
+    # with 2 degrees of freedom the two-sided p is 1 - t / sqrt(t^2 + 2)
+    test = paired_t([40.0, 45.0, 50.0], [10.0, 12.5, 20.0])
+    assert test["n"] == 3 and test["dof"] == 2
+    assert test["mean_diff"] == pytest.approx(92.5 / 3)
+    assert test["sd"] == pytest.approx(math.sqrt(25 / 12))
+    assert test["t"] == pytest.approx(37.0)
+    assert test["p"] == pytest.approx(1 - 37 / math.sqrt(37**2 + 2))
+    assert paired_t([1.0], [2.0]) is None  # one pair: no spread to test against
+    assert paired_t([1.0, 2.0], [0.0, 1.0])["p"] == 0.0  # the same difference every seed
+    with pytest.raises(ValueError, match="pair them seed by seed"):
+        paired_t([1.0, 2.0], [1.0])
+
+    sweep, _ = load_sweep(_sweep_file(tmp_path, {"train.seed": [0, 1, 2], "aggregation": ["max", "avg", "cls"]}))
+    miou = {"max": [40.0, 45.0, 50.0], "avg": [10.0, 12.5, 20.0], "cls": [10.0, 20.0, 0.0]}
+    rows = [
+        {
+            "setting": s,
+            "label": label(sweep, s),
+            "status": "error" if (s["aggregation"], s["train.seed"]) == ("cls", 2) else "finished",
+            "seg_miou": miou[s["aggregation"]][s["train.seed"]],
+        }
+        for s in settings(sweep)
+    ]
+    lines = paired_tests(sweep, rows).splitlines()
+    assert lines[0] == "A and B: aggregation."
+    assert lines[4] == "| max | avg | seg mIoU (%) | 3 | +30.8 | +30.0 / +32.5 / +30.0 | 1.4 | 37.00 | 0.001 |"
+    # cls's seed 2 did not finish: its pairs use seeds 0 and 1 only
+    assert "| max | cls | seg mIoU (%) | 2 | +27.5 | +30.0 / +25.0 | 3.5 | 11.00 | 0.058 |" in lines
+    assert len(lines) == 4 + 3  # one metric with values, three pairs
+    sweep.storage = str(tmp_path / "out")
+    write_results(sweep, rows)
+    assert "## Paired differences over seeds" in (tmp_path / "out" / sweep.name / "results.md").read_text()

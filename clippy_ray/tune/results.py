@@ -65,6 +65,71 @@ def over_seeds(sweep: SweepConfig, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_t(a: list[float], b: list[float]) -> dict | None:
+    """Student's paired t-test of a - b (the same seeds in both lists, in the same order): the mean
+    difference, the differences' sample SD, t, degrees of freedom and the two-sided p. None for
+    fewer than 2 pairs; t is +-inf (p 0) when every difference is the same non-zero number."""
+    from scipy import stats
+
+    if len(a) != len(b):
+        raise ValueError(f"paired_t: {len(a)} values against {len(b)}; pair them seed by seed")
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if sd == 0:
+        t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        t = mean / (sd / math.sqrt(n))
+        p = float(2 * stats.t.sf(abs(t), n - 1))
+    return {"n": n, "mean_diff": mean, "sd": sd, "t": t, "dof": n - 1, "p": p, "diffs": diffs}
+
+
+def paired_tests(sweep: SweepConfig, rows: list[dict]) -> str:
+    """For every two settings of the other axes, each metric's paired difference over the seeds
+    that finished in both (a paired t-test: the seeds share their data and data seed, so the
+    difference is what the setting changes). Empty without a seed axis or with one setting."""
+    seeds = seed_axes(sweep)
+    others = [a for a in sweep.axes if a not in seeds]
+    if not seeds:
+        return ""
+    groups: dict[tuple, dict[tuple, dict]] = {}
+    for r in rows:
+        if r["status"] == "finished":
+            key = tuple(str(r["setting"].get(a)) for a in others)
+            groups.setdefault(key, {})[tuple(str(r["setting"].get(a)) for a in seeds)] = r
+    keys = list(groups)
+    if len(keys) < 2:
+        return ""
+    name = " / ".join(others)
+    head = ["A", "B", "metric", "seeds", "mean A - B", "per seed", "SD", "t", "p (two-sided)"]
+    lines = [f"A and B: {name}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, ka in enumerate(keys):
+        for kb in keys[i + 1 :]:
+            for metric, metric_name in METRICS:
+                a, b = groups[ka], groups[kb]
+                common = [s for s in a if s in b and a[s].get(metric) is not None and b[s].get(metric) is not None]
+                test = paired_t([a[s][metric] for s in common], [b[s][metric] for s in common])
+                if test is None:
+                    continue
+                cells = [
+                    " / ".join(ka),
+                    " / ".join(kb),
+                    metric_name,
+                    str(test["n"]),
+                    f"{test['mean_diff']:+.1f}",
+                    " / ".join(f"{d:+.1f}" for d in test["diffs"]),
+                    f"{test['sd']:.1f}",
+                    f"{test['t']:.2f}",
+                    f"{test['p']:.3f}",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], title: str) -> bytes:
     """Grouped bars: one group per trial, one bar per metric."""
     import io
@@ -102,6 +167,8 @@ def write_results(sweep: SweepConfig, rows: list[dict]) -> None:
             f"\n## Over seeds ({', '.join(seed_axes(sweep))})\n\nmean over the finished seeds "
             "(each seed's value)\n\n" + over_seeds(sweep, rows)
         )
+        if tests := paired_tests(sweep, rows):
+            md += "\n## Paired differences over seeds\n\n" + tests
     storage.write_bytes(storage.join(root, "results.md"), md.encode())
     storage.write_bytes(
         storage.join(root, "results.json"),
