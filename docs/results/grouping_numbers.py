@@ -1,0 +1,345 @@
+"""Every number docs/results/grouping.md quotes, from what docs/results/grouping.sh ran: writes
+docs/results/grouping/numbers.md and docs/results/grouping/curve.png. Run from the repository root
+after the script's runs and evaluations (the script runs it last)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from clippy_ray.eval.datasets import load_shard, open_eval_set
+from clippy_ray.tune.results import paired_t
+
+SWEEPS = Path("runs/sweeps")
+EVALS = Path("runs/grouping/eval")
+DATA = "runs/grouping/data"
+OUT = Path("docs/results/grouping")
+AGGS = ("max", "avg", "cls")
+SEEDS = (0, 1, 2, 3, 4)  # 0, 1: configs/grouping_curve.yaml; 2-4: configs/grouping_seeds.yaml
+CURVE_SEEDS = (0, 1)
+CURVE_STEPS = (100, 200, 300, 400)
+SUB_SEEDS = (2, 3)
+RESOLUTIONS = (112, 224, 336)
+EVAL_ROWS = 128
+
+# (key, column name): the numbers taken from each evaluation's results.json
+METRICS = (
+    ("seg", "seg mIoU"),
+    ("fg", "foreground mIoU"),
+    ("bg", "background IoU"),
+    ("thr", "seg mIoU, threshold background"),
+    ("unsup", "unsup Jaccard"),
+    ("cls", "cls top-1"),
+)
+
+
+def flat(path: Path) -> dict[str, float] | None:
+    """The page's numbers from one results.json (None when the evaluation is missing)."""
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())["results"]
+    out: dict[str, float] = {}
+    if "seg" in r:
+        seg = r["seg"]
+        out |= {"seg": seg["miou"], "fg": seg["foreground_miou"], "bg": seg["background_iou"]}
+        out["thr"] = seg["other_mode"]["miou"]
+        out["floor"] = seg["floor_largest_object"]["miou"]
+        out["floor_fg"] = seg["floor_largest_object"]["foreground_miou"]
+    if "unsup" in r:
+        out["unsup"] = r["unsup"]["jaccard"]
+    if "cls" in r:
+        out["cls"] = r["cls"]["top1"]
+    return out
+
+
+def curve_eval(seed: int, agg: str, step: int) -> Path:
+    return SWEEPS / f"grouping-curve/runs/seed{seed}_{agg}/eval/step_{step:08d}/results.json"
+
+
+def at_200(seed: int, agg: str) -> dict | None:
+    """Experiment 1's model: step 200 of seed `seed` (seeds 0, 1 from the curve runs)."""
+    if seed in CURVE_SEEDS:
+        return flat(curve_eval(seed, agg, 200))
+    return flat(SWEEPS / f"grouping-seeds/eval/seed{seed}_{agg}/results.json")
+
+
+def reports(sweep: str, label: str) -> list[dict]:
+    """Every report Tune kept for one trial (its result.json lines), in order."""
+    rows = json.loads((SWEEPS / sweep / "results.json").read_text())["rows"]
+    row = next((r for r in rows if r["label"] == label), None)
+    if row is None or not row.get("path"):
+        return []
+    path = Path(row["path"]) / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def at_step(sweep: str, label: str, step: int, key: str) -> float | None:
+    for rep in reports(sweep, label):
+        if rep.get("step") == step and rep.get(key) is not None:
+            return rep[key]
+    return None
+
+
+def median_speed(sweep: str, label: str) -> float | None:
+    """The trial's median images/s over its log windows (the first window holds the start-up)."""
+    speeds = [rep["images_per_s"] for rep in reports(sweep, label) if rep.get("images_per_s")][1:]
+    return statistics.median(speeds) if speeds else None
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def spread(values: list[float | None], digits: int = 1) -> str:
+    """mean ± SD (each value), over the values present."""
+    got = [v for v in values if v is not None]
+    if not got:
+        return "—"
+    sd = f" ± {statistics.stdev(got):.{digits}f}" if len(got) > 1 else ""
+    return f"{statistics.mean(got):.{digits}f}{sd} ({' / '.join(fmt(v, digits) for v in values)})"
+
+
+def test_cells(a: list[float | None], b: list[float | None]) -> list[str]:
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    t = paired_t([x for x, _ in pairs], [y for _, y in pairs])
+    if t is None:
+        return [str(len(pairs)), "—", "—", "—", "—"]
+    return [
+        str(t["n"]),
+        f"{t['mean_diff']:+.1f}",
+        " / ".join(f"{d:+.1f}" for d in t["diffs"]),
+        f"{t['t']:.2f}",
+        f"{t['p']:.3f}",
+    ]
+
+
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def chance_top1() -> float:
+    """Zero-shot classification's chance on the evaluated rows: a row hits when its guess is any of
+    the shapes it shows, so chance is the mean share of the foreground classes a row shows."""
+    data = open_eval_set(DATA, "auto", rows_per_shard=32, max_rows=EVAL_ROWS)
+    shares = []
+    n_fg = len(data.class_names) - (1 if data.has_background else 0)
+    for shard in data.splits["eval"]:
+        for s in load_shard(shard, data.has_background):
+            shares.append(len({label for label in s.labels if not (data.has_background and label == 0)}) / n_fg)
+    return 100 * sum(shares) / len(shares)
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    md: list[str] = [
+        "# The numbers of grouping.md",
+        "",
+        "Written by `docs/results/grouping_numbers.py` (the last step of `docs/results/grouping.sh`) from the",
+        f"runs under `runs/`. Every evaluation: the first {EVAL_ROWS} evaluation images at 224 px unless a",
+        "table says otherwise; all numbers in %, differences in points.",
+        "",
+    ]
+
+    # ---------------------------------------------------------------- floors and chance
+    first = next(v for s in SEEDS for a in AGGS if (v := at_200(s, a)))
+    md += [
+        "## Floors and chance",
+        "",
+        f"- cls top-1 chance (a guess hits any shape the image shows): {chance_top1():.1f}",
+        f"- every pixel the image's largest object's class (from the truth): seg mIoU {fmt(first['floor'])}, "
+        f"foreground mIoU {fmt(first['floor_fg'])}, background IoU 0.0",
+        f"- validation loss at chance: ln 256 = {math.log(256):.2f} (validation scores 256 pairs at once)",
+        "",
+        "The step-0 models (the pretrained towers, fresh projections from train.seed 0, no training):",
+        "",
+    ]
+    md += table(
+        ["aggregation"] + [name for _, name in METRICS],
+        [[a] + [fmt((flat(EVALS / f"step0_{a}/results.json") or {}).get(k)) for k, _ in METRICS] for a in AGGS],
+    )
+
+    # ---------------------------------------------------------------- experiment 1
+    md += ["", "## 1. Aggregation, 5 seeds, step 200", "", "mean ± SD over the seeds (seeds 0 / 1 / 2 / 3 / 4)", ""]
+    per = {a: [at_200(s, a) for s in SEEDS] for a in AGGS}
+    val = {
+        a: [
+            at_step("grouping-curve" if s in CURVE_SEEDS else "grouping-seeds", f"seed{s}_{a}", 200, "val_loss")
+            for s in SEEDS
+        ]
+        for a in AGGS
+    }
+    rows = []
+    for a in AGGS:
+        rows.append([a] + [spread([(m or {}).get(k) for m in per[a]]) for k, _ in METRICS] + [spread(val[a], 3)])
+    md += table(["aggregation"] + [name for _, name in METRICS] + ["val loss"], rows)
+    md += ["", "Paired differences (the same seed's two models; Student's paired t, two-sided):", ""]
+    rows = []
+    for x, y in (("max", "avg"), ("max", "cls"), ("cls", "avg")):
+        for k, name in METRICS:
+            rows.append(
+                [f"{x} - {y}", name]
+                + test_cells([(m or {}).get(k) for m in per[x]], [(m or {}).get(k) for m in per[y]])
+            )
+    md += table(["pair", "metric", "seeds", "mean diff", "per seed", "t", "p"], rows)
+
+    # ---------------------------------------------------------------- experiment 2
+    md += ["", "## 2. The training curve (seeds 0 / 1)", ""]
+    curve = {(a, s, st): flat(curve_eval(s, a, st)) for a in AGGS for s in CURVE_SEEDS for st in CURVE_STEPS}
+    rows = []
+    for a in AGGS:
+        for st in CURVE_STEPS:
+            ms = [curve[a, s, st] for s in CURVE_SEEDS]
+            vl = [at_step("grouping-curve", f"seed{s}_{a}", st, "val_loss") for s in CURVE_SEEDS]
+            rows.append(
+                [a, str(st)]
+                + [" / ".join(fmt((m or {}).get(k)) for m in ms) for k in ("seg", "fg", "thr", "unsup", "cls")]
+                + [" / ".join(fmt(v, 3) for v in vl)]
+            )
+    md += table(
+        [
+            "aggregation",
+            "step",
+            "seg mIoU",
+            "foreground mIoU",
+            "threshold mIoU",
+            "unsup Jaccard",
+            "cls top-1",
+            "val loss",
+        ],
+        rows,
+    )
+    md += ["", f"Change from step {CURVE_STEPS[0]} to step {CURVE_STEPS[-1]} (seed 0 / seed 1):", ""]
+    rows = []
+    for a in AGGS:
+        cells = [a]
+        for k in ("seg", "unsup", "cls"):
+            d = [
+                (curve[a, s, CURVE_STEPS[-1]] or {}).get(k, math.nan)
+                - (curve[a, s, CURVE_STEPS[0]] or {}).get(k, math.nan)
+                for s in CURVE_SEEDS
+            ]
+            cells.append(" / ".join(f"{v:+.1f}" for v in d))
+        rows.append(cells)
+    md += table(["aggregation", "seg mIoU", "unsup Jaccard", "cls top-1"], rows)
+    plot_curve(curve)
+    md += ["", "![curve](curve.png)"]
+
+    # ---------------------------------------------------------------- experiment 3
+    md += [
+        "",
+        "## 3. Token sub-sampling at equal compute, by evaluation resolution (max pooling, seeds 2 / 3)",
+        "",
+        "keep 0.5: 200 steps (configs/grouping_seeds.yaml's max runs); "
+        "off: 150 steps (configs/grouping_subsampling.yaml)",
+        "",
+    ]
+
+    def sub_eval(keep: str, seed: int, res: int) -> dict | None:
+        if res == 224:
+            sweep = "grouping-seeds/eval/seed{}_max" if keep == "0.5" else "grouping-subsampling/eval/seed{}_sub-off"
+            return flat(SWEEPS / sweep.format(seed) / "results.json")
+        return flat(EVALS / f"res{res}/seed{seed}_{'sub0.5' if keep == '0.5' else 'sub-off'}/results.json")
+
+    rows = []
+    for keep, sweep, label, steps in (
+        ("0.5", "grouping-seeds", "seed{}_max", 200),
+        ("off", "grouping-subsampling", "seed{}_sub-off", 150),
+    ):
+        speeds = [median_speed(sweep, label.format(s)) for s in SUB_SEEDS]
+        for res in RESOLUTIONS:
+            ms = [sub_eval(keep, s, res) for s in SUB_SEEDS]
+            rows.append(
+                [keep, str(steps), " / ".join(fmt(v) for v in speeds), str(res)]
+                + [" / ".join(fmt((m or {}).get(k)) for m in ms) for k in ("seg", "fg", "unsup")]
+            )
+    md += table(
+        ["keep", "steps", "images/s (median)", "resolution", "seg mIoU", "foreground mIoU", "unsup Jaccard"], rows
+    )
+    md += ["", "keep 0.5 - off, paired by seed:", ""]
+    rows = []
+    for res in RESOLUTIONS:
+        for k, name in (("seg", "seg mIoU"), ("unsup", "unsup Jaccard")):
+            a = [(sub_eval("0.5", s, res) or {}).get(k) for s in SUB_SEEDS]
+            b = [(sub_eval("off", s, res) or {}).get(k) for s in SUB_SEEDS]
+            rows.append([str(res), name] + test_cells(a, b))
+    md += table(["resolution", "metric", "seeds", "mean diff", "per seed", "t", "p"], rows)
+    md += ["", "Change with the evaluation resolution, from 224 px (seed 2 / seed 3):", ""]
+    rows = []
+    for keep in ("0.5", "off"):
+        for res in (112, 336):
+            d = [
+                (sub_eval(keep, s, res) or {}).get("seg", math.nan)
+                - (sub_eval(keep, s, 224) or {}).get("seg", math.nan)
+                for s in SUB_SEEDS
+            ]
+            rows.append([keep, f"224 -> {res}", " / ".join(f"{v:+.1f}" for v in d)])
+    md += table(["keep", "resolution", "seg mIoU change"], rows)
+
+    # ---------------------------------------------------------------- experiment 4
+    md += ["", "## 4. The fairness fixes (max pooling, seed 0, step 200)", ""]
+    fixed, old = flat(curve_eval(0, "max", 200)), flat(EVALS / "unfair_seed0_max/results.json")
+    md += table(
+        ["crops / position grid"] + [name for _, name in METRICS],
+        [
+            ["min_crop_scale 1.0, DINOv2's 37x37 grid (the experiments)"]
+            + [fmt((fixed or {}).get(k)) for k, _ in METRICS],
+            ["min_crop_scale 0.5, grid resampled to 8x8 at load (before)"]
+            + [fmt((old or {}).get(k)) for k, _ in METRICS],
+        ],
+    )
+
+    # ---------------------------------------------------------------- pretraining
+    md += ["", "## 5. Pretraining (max pooling, seeds 2 / 3, step 200)", ""]
+    pre = [at_200(s, "max") for s in SUB_SEEDS]
+    rnd = [flat(SWEEPS / f"grouping-random/eval/seed{s}_image-random_text-random/results.json") for s in SUB_SEEDS]
+    rnd_val = [at_step("grouping-random", f"seed{s}_image-random_text-random", 200, "val_loss") for s in SUB_SEEDS]
+    pre_val = [at_step("grouping-seeds", f"seed{s}_max", 200, "val_loss") for s in SUB_SEEDS]
+    md += table(
+        ["towers"] + [name for _, name in METRICS] + ["val loss"],
+        [
+            ["DINOv2 + MiniLM (first 10 blocks and the text encoder frozen)"]
+            + [" / ".join(fmt((m or {}).get(k)) for m in pre) for k, _ in METRICS]
+            + [" / ".join(fmt(v, 3) for v in pre_val)],
+            ["random (everything trained)"]
+            + [" / ".join(fmt((m or {}).get(k)) for m in rnd) for k, _ in METRICS]
+            + [" / ".join(fmt(v, 3) for v in rnd_val)],
+        ],
+    )
+    md += ["", "pretrained - random, paired by seed:", ""]
+    md += table(
+        ["metric", "seeds", "mean diff", "per seed", "t", "p"],
+        [[name] + test_cells([(m or {}).get(k) for m in pre], [(m or {}).get(k) for m in rnd]) for k, name in METRICS],
+    )
+    (OUT / "numbers.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {OUT / 'numbers.md'}", file=sys.stderr)
+
+
+def plot_curve(curve: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    colors = {"max": "tab:blue", "avg": "tab:orange", "cls": "tab:green"}
+    for ax, (key, name) in zip(
+        axes, (("seg", "seg mIoU (%)"), ("unsup", "unsup Jaccard (%)"), ("cls", "cls top-1 (%)"))
+    ):
+        for a in AGGS:
+            for s, style in zip(CURVE_SEEDS, ("-", "--")):
+                ys = [(curve[a, s, st] or {}).get(key, math.nan) for st in CURVE_STEPS]
+                ax.plot(CURVE_STEPS, ys, style, color=colors[a], marker="o", label=f"{a} seed {s}")
+        ax.set_xlabel("step (32 pairs each)")
+        ax.set_title(name)
+        ax.set_xticks(CURVE_STEPS)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(OUT / "curve.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
