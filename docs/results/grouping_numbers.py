@@ -68,7 +68,8 @@ def at_200(seed: int, agg: str) -> dict | None:
 
 def reports(sweep: str, label: str) -> list[dict]:
     """Every report Tune kept for one trial (its result.json lines), in order."""
-    rows = json.loads((SWEEPS / sweep / "results.json").read_text())["rows"]
+    index = SWEEPS / sweep / "results.json"
+    rows = json.loads(index.read_text())["rows"] if index.is_file() else []
     row = next((r for r in rows if r["label"] == label), None)
     if row is None or not row.get("path"):
         return []
@@ -291,28 +292,6 @@ def main() -> None:
         ],
     )
 
-    # ---------------------------------------------------------------- pretraining
-    md += ["", "## 5. Pretraining (max pooling, seeds 2 / 3, step 200)", ""]
-    pre = [at_200(s, "max") for s in SUB_SEEDS]
-    rnd = [flat(SWEEPS / f"grouping-random/eval/seed{s}_image-random_text-random/results.json") for s in SUB_SEEDS]
-    rnd_val = [at_step("grouping-random", f"seed{s}_image-random_text-random", 200, "val_loss") for s in SUB_SEEDS]
-    pre_val = [at_step("grouping-seeds", f"seed{s}_max", 200, "val_loss") for s in SUB_SEEDS]
-    md += table(
-        ["towers"] + [name for _, name in METRICS] + ["val loss"],
-        [
-            ["DINOv2 + MiniLM (first 10 blocks and the text encoder frozen)"]
-            + [" / ".join(fmt((m or {}).get(k)) for m in pre) for k, _ in METRICS]
-            + [" / ".join(fmt(v, 3) for v in pre_val)],
-            ["random (everything trained)"]
-            + [" / ".join(fmt((m or {}).get(k)) for m in rnd) for k, _ in METRICS]
-            + [" / ".join(fmt(v, 3) for v in rnd_val)],
-        ],
-    )
-    md += ["", "pretrained - random, paired by seed:", ""]
-    md += table(
-        ["metric", "seeds", "mean diff", "per seed", "t", "p"],
-        [[name] + test_cells([(m or {}).get(k) for m in pre], [(m or {}).get(k) for m in rnd]) for k, name in METRICS],
-    )
     (OUT / "numbers.md").write_text("\n".join(md) + "\n")
     print(f"wrote {OUT / 'numbers.md'}", file=sys.stderr)
 
