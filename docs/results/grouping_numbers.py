@@ -146,13 +146,14 @@ def main() -> None:
 
     # ---------------------------------------------------------------- floors and chance
     first = next(v for s in SEEDS for a in AGGS if (v := at_200(s, a)))
+    pairs = next(int(r["val_pairs"]) for r in reports("grouping-curve", "seed0_max") if r.get("val_pairs"))
     md += [
         "## Floors and chance",
         "",
         f"- cls top-1 chance (a guess hits any shape the image shows): {chance_top1():.1f}",
         f"- every pixel the image's largest object's class (from the truth): seg mIoU {fmt(first['floor'])}, "
         f"foreground mIoU {fmt(first['floor_fg'])}, background IoU 0.0",
-        f"- validation loss at chance: ln 256 = {math.log(256):.2f} (validation scores 256 pairs at once)",
+        f"- validation loss at chance: ln {pairs} = {math.log(pairs):.2f} (validation scores {pairs} pairs at once)",
         "",
         "The step-0 models (the pretrained towers, fresh projections from train.seed 0, no training):",
         "",
