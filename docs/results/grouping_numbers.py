@@ -113,7 +113,7 @@ def test_cells(a: list[float | None], b: list[float | None]) -> list[str]:
         f"{t['mean_diff']:+.1f}",
         " / ".join(f"{d:+.1f}" for d in t["diffs"]),
         f"{t['t']:.2f}",
-        f"{t['p']:.3f}",
+        "< 0.001" if t["p"] < 0.001 else f"{t['p']:.3f}",
     ]
 
 
@@ -162,6 +162,22 @@ def main() -> None:
         ["aggregation"] + [name for _, name in METRICS],
         [[a] + [fmt((flat(EVALS / f"step0_{a}/results.json") or {}).get(k)) for k, _ in METRICS] for a in AGGS],
     )
+
+    md += [
+        "",
+        "Trained (step 200, the 5 seeds of section 1) against the step-0 model of the same aggregation "
+        "(a one-sample t of the differences):",
+        "",
+    ]
+    rows = []
+    for a in AGGS:
+        zero = flat(EVALS / f"step0_{a}/results.json") or {}
+        for k, name in (("seg", "seg mIoU"), ("unsup", "unsup Jaccard")):
+            trained = [(m or {}).get(k) for m in (at_200(s, a) for s in SEEDS)]
+            got = [v for v in trained if v is not None]
+            base = zero.get(k)
+            rows.append([a, name] + (test_cells(got, [base] * len(got)) if base is not None else ["—"] * 5))
+    md += table(["aggregation", "metric", "seeds", "mean trained - step 0", "per seed", "t", "p"], rows)
 
     # ---------------------------------------------------------------- experiment 1
     md += ["", "## 1. Aggregation, 5 seeds, step 200", "", "mean ± SD over the seeds (seeds 0 / 1 / 2 / 3 / 4)", ""]
@@ -226,7 +242,7 @@ def main() -> None:
             cells.append(" / ".join(f"{v:+.1f}" for v in d))
         rows.append(cells)
     md += table(["aggregation", "seg mIoU", "unsup Jaccard", "cls top-1"], rows)
-    plot_curve(curve)
+    plot_curve(curve, first["floor"])
     md += ["", "![curve](curve.png)"]
 
     # ---------------------------------------------------------------- experiment 3
@@ -297,7 +313,7 @@ def main() -> None:
     print(f"wrote {OUT / 'numbers.md'}", file=sys.stderr)
 
 
-def plot_curve(curve: dict) -> None:
+def plot_curve(curve: dict, floor: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,6 +328,8 @@ def plot_curve(curve: dict) -> None:
             for s, style in zip(CURVE_SEEDS, ("-", "--")):
                 ys = [(curve[a, s, st] or {}).get(key, math.nan) for st in CURVE_STEPS]
                 ax.plot(CURVE_STEPS, ys, style, color=colors[a], marker="o", label=f"{a} seed {s}")
+        if key == "seg":
+            ax.axhline(floor, color="grey", linestyle=":", label="largest-object floor")
         ax.set_xlabel("step (32 pairs each)")
         ax.set_title(name)
         ax.set_xticks(CURVE_STEPS)
