@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from clippy_ray.eval.datasets import load_shard, open_eval_set
+from clippy_ray.tune.results import _num as fmt  # the sweeps' own number format
 from clippy_ray.tune.results import paired_t
 
 SWEEPS = Path("runs/sweeps")
@@ -88,10 +89,6 @@ def median_speed(sweep: str, label: str) -> float | None:
     """The trial's median images/s over its log windows (the first window holds the start-up)."""
     speeds = [rep["images_per_s"] for rep in reports(sweep, label) if rep.get("images_per_s")][1:]
     return statistics.median(speeds) if speeds else None
-
-
-def fmt(v: float | None, digits: int = 1) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def spread(values: list[float | None], digits: int = 1) -> str:
