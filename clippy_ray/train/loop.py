@@ -341,8 +341,9 @@ def train_loop(loop_config: dict) -> None:
         drain_check = logging or state.step % DRAIN_CHECK_EVERY == 0
         if drain_check and not preempted and ray.train.get_preemption_info() is not None:  # collective
             preempted = True  # a spot node's notice: checkpoint now, once, and train on until it goes
-            if not checkpoint:
-                checkpoint, why = True, "a node of this run is being drained"
+            # said even when the notice lands on a scheduled checkpoint's step: the console tells a
+            # person that the notice was seen and this is the checkpoint the run will resume from
+            checkpoint, why = True, "a node of this run is being drained"
         if logging:
             counts = _mean_over_ranks(
                 {"loss": float(window["loss"]) / max(window["n"], 1), **stream.counters()},
