@@ -83,6 +83,34 @@ unfair=runs/grouping/checkpoints/unfair_seed0_max
 evaluate "$unfair/step_00000200" "$evals/unfair_seed0_max"
 stamp "fairness run"
 
-# 9. Every number the page quotes, into docs/results/grouping/numbers.md (and the curve's plot)
+# 9. Experiment 3 at measured equal compute: max pooling without token sub-sampling, 115 steps
+#    (seeds 2, 3; a sub-sampled step ran 1.7x faster), evaluated at 112 and 336 px like step 6's
+$clippy tune --config configs/grouping_equal_compute.yaml
+for seed in 2 3; do
+  for res in 112 336; do
+    evaluate "$sweeps/grouping-equal-compute/runs/seed${seed}_sub-off/step_00000115" \
+      "$evals/res$res/seed${seed}_sub-off-115" --tasks seg,unsup --resolution "$res"
+  done
+done
+stamp "equal-compute sub-sampling runs and resolution evaluations"
+
+# 10. Pretraining: max pooling with a random image tower, every block trained, seeds 0-2
+$clippy tune --config configs/grouping_random.yaml
+stamp "random image tower sweep (seeds 0-2)"
+
+# 11. Experiment 2 continued: each curve run resumed from its step-400 checkpoint to step 600 (the
+#     learning rate is constant there, so the schedule is the 600-step run's; the resumed stream
+#     trains each row of an epoch once, in another order than an unbroken run's, docs/training.md),
+#     steps 500 and 600 evaluated during training; step 400 is kept for step 7
+for seed in 0 1; do
+  for agg in max avg cls; do
+    run="$sweeps/grouping-curve/runs/seed${seed}_$agg"
+    [ -f "$run/eval/step_00000600/results.json" ] || $clippy train --config "$run/config.yaml" \
+      train.steps=600 train.keep_checkpoints=3
+  done
+done
+stamp "curve continued to 600 steps"
+
+# 12. Every number the page quotes, into docs/results/grouping/numbers.md (and the curve's plot)
 .venv/bin/python docs/results/grouping_numbers.py
 stamp "numbers"
