@@ -21,8 +21,9 @@ OUT = Path("docs/results/grouping")
 AGGS = ("max", "avg", "cls")
 SEEDS = (0, 1, 2, 3, 4)  # 0, 1: configs/grouping_curve.yaml; 2-4: configs/grouping_seeds.yaml
 CURVE_SEEDS = (0, 1)
-CURVE_STEPS = (100, 200, 300, 400)
+CURVE_STEPS = (100, 200, 300, 400, 500, 600)  # 500, 600: the runs resumed (grouping.sh step 11)
 SUB_SEEDS = (2, 3)
+RANDOM_SEEDS = (0, 1, 2)  # configs/grouping_random.yaml
 RESOLUTIONS = (112, 224, 336)
 EVAL_ROWS = 128
 
@@ -79,10 +80,22 @@ def reports(sweep: str, label: str) -> list[dict]:
 
 
 def at_step(sweep: str, label: str, step: int, key: str) -> float | None:
+    """A trial's reported number at a step: from Tune's reports, else (the steps a resumed run added
+    outside Tune) from that step's checkpoint's train_state.json."""
     for rep in reports(sweep, label):
         if rep.get("step") == step and rep.get(key) is not None:
             return rep[key]
-    return None
+    state = SWEEPS / sweep / "runs" / label / f"step_{step:08d}/train_state.json"
+    return json.loads(state.read_text()).get(key) if state.is_file() else None
+
+
+def slope(steps: tuple[int, ...], values: list[float | None]) -> float:
+    """Least-squares change per 100 steps over the points present (nan below two)."""
+    got = [(x, y) for x, y in zip(steps, values) if y is not None]
+    if len(got) < 2:
+        return math.nan
+    mx, my = statistics.mean(x for x, _ in got), statistics.mean(y for _, y in got)
+    return 100 * sum((x - mx) * (y - my) for x, y in got) / sum((x - mx) ** 2 for x, _ in got)
 
 
 def median_speed(sweep: str, label: str) -> float | None:
@@ -239,6 +252,19 @@ def main() -> None:
             cells.append(" / ".join(f"{v:+.1f}" for v in d))
         rows.append(cells)
     md += table(["aggregation", "seg mIoU", "unsup Jaccard", "cls top-1"], rows)
+    md += [
+        "",
+        f"Least-squares slope over the {len(CURVE_STEPS)} checkpoints, points per 100 steps (seed 0 / seed 1):",
+        "",
+    ]
+    rows = []
+    for a in AGGS:
+        cells = [a]
+        for k in ("seg", "unsup", "cls"):
+            fits = [slope(CURVE_STEPS, [(curve[a, s, st] or {}).get(k) for st in CURVE_STEPS]) for s in CURVE_SEEDS]
+            cells.append(" / ".join(f"{v:+.2f}" for v in fits))
+        rows.append(cells)
+    md += table(["aggregation", "seg mIoU", "unsup Jaccard", "cls top-1"], rows)
     plot_curve(curve, first["floor"])
     md += ["", "![curve](curve.png)"]
 
@@ -248,50 +274,98 @@ def main() -> None:
         "## 3. Token sub-sampling at equal compute, by evaluation resolution (max pooling, seeds 2 / 3)",
         "",
         "keep 0.5: 200 steps (configs/grouping_seeds.yaml's max runs); "
-        "off: 150 steps (configs/grouping_subsampling.yaml)",
+        "off: 150 steps (configs/grouping_subsampling.yaml, the issue's 1.3x) and 115 steps "
+        "(configs/grouping_equal_compute.yaml, the measured speed ratio)",
         "",
     ]
+    # (name, steps, sweep, trial label, the folder name of its 112 / 336 px evaluations)
+    variants = (
+        ("0.5", 200, "grouping-seeds", "seed{}_max", "seed{}_sub0.5"),
+        ("off", 150, "grouping-subsampling", "seed{}_sub-off", "seed{}_sub-off"),
+        ("off", 115, "grouping-equal-compute", "seed{}_sub-off", "seed{}_sub-off-115"),
+    )
 
-    def sub_eval(keep: str, seed: int, res: int) -> dict | None:
+    def sub_eval(variant: tuple, seed: int, res: int) -> dict | None:
+        _, _, sweep, label, folder = variant
         if res == 224:
-            sweep = "grouping-seeds/eval/seed{}_max" if keep == "0.5" else "grouping-subsampling/eval/seed{}_sub-off"
-            return flat(SWEEPS / sweep.format(seed) / "results.json")
-        return flat(EVALS / f"res{res}/seed{seed}_{'sub0.5' if keep == '0.5' else 'sub-off'}/results.json")
+            return flat(SWEEPS / sweep / "eval" / label.format(seed) / "results.json")
+        return flat(EVALS / f"res{res}" / folder.format(seed) / "results.json")
+
+    def seg_at(variant: tuple, res: int, key: str = "seg") -> list[float | None]:
+        return [(sub_eval(variant, s, res) or {}).get(key) for s in SUB_SEEDS]
 
     rows = []
-    for keep, sweep, label, steps in (
-        ("0.5", "grouping-seeds", "seed{}_max", 200),
-        ("off", "grouping-subsampling", "seed{}_sub-off", 150),
-    ):
+    for v in variants:
+        keep, steps, sweep, label, _ = v
         speeds = [median_speed(sweep, label.format(s)) for s in SUB_SEEDS]
         for res in RESOLUTIONS:
-            ms = [sub_eval(keep, s, res) for s in SUB_SEEDS]
             rows.append(
-                [keep, str(steps), " / ".join(fmt(v) for v in speeds), str(res)]
-                + [" / ".join(fmt((m or {}).get(k)) for m in ms) for k in ("seg", "fg", "unsup")]
+                [keep, str(steps), " / ".join(fmt(x) for x in speeds), str(res)]
+                + [" / ".join(fmt(x) for x in seg_at(v, res, k)) for k in ("seg", "fg", "unsup")]
             )
     md += table(
         ["keep", "steps", "images/s (median)", "resolution", "seg mIoU", "foreground mIoU", "unsup Jaccard"], rows
     )
-    md += ["", "keep 0.5 - off, paired by seed:", ""]
+    sub, *offs = variants
+    for off in offs:
+        md += ["", f"keep 0.5 (200 steps) - off ({off[1]} steps), paired by seed:", ""]
+        rows = []
+        for res in RESOLUTIONS:
+            for k, name in (("seg", "seg mIoU"), ("unsup", "unsup Jaccard")):
+                rows.append([str(res), name] + test_cells(seg_at(sub, res, k), seg_at(off, res, k)))
+        md += table(["resolution", "metric", "seeds", "mean diff", "per seed", "t", "p"], rows)
+    md += [
+        "",
+        "Change of seg mIoU from the training resolution (112 px) to 2x and 3x of it (seed 2 / seed 3), and "
+        "whether sub-sampling changes it (keep 0.5's change - off's, paired by seed; positive: sub-sampling "
+        "loses less):",
+        "",
+    ]
     rows = []
-    for res in RESOLUTIONS:
-        for k, name in (("seg", "seg mIoU"), ("unsup", "unsup Jaccard")):
-            a = [(sub_eval("0.5", s, res) or {}).get(k) for s in SUB_SEEDS]
-            b = [(sub_eval("off", s, res) or {}).get(k) for s in SUB_SEEDS]
-            rows.append([str(res), name] + test_cells(a, b))
-    md += table(["resolution", "metric", "seeds", "mean diff", "per seed", "t", "p"], rows)
-    md += ["", "Change with the evaluation resolution, from 224 px (seed 2 / seed 3):", ""]
+    change = {}
+    for v in variants:
+        for res in (224, 336):
+            d = [x - y if x is not None and y is not None else None for x, y in zip(seg_at(v, res), seg_at(v, 112))]
+            change[v[1], res] = d
+            per_seed = " / ".join("—" if x is None else f"{x:+.1f}" for x in d)
+            rows.append([f"{v[0]} ({v[1]} steps)", f"112 -> {res}", per_seed, "", "", ""])
+    for off in offs:
+        for res in (224, 336):
+            cells = test_cells(change[sub[1], res], change[off[1], res])
+            rows.append([f"0.5 - off ({off[1]} steps)", f"112 -> {res}", cells[2], cells[1], cells[3], cells[4]])
+    md += table(["keep", "resolution", "per seed", "mean", "t", "p"], rows)
+
+    # ---------------------------------------------------------------- pretraining
+    md += [
+        "",
+        "## Pretraining: the image tower from random weights (max pooling, step 200)",
+        "",
+        "random: configs/grouping_random.yaml (every block trained); DINOv2: section 1's max runs, the same "
+        f"seeds ({' / '.join(map(str, RANDOM_SEEDS))})",
+        "",
+    ]
+    rand = [flat(SWEEPS / f"grouping-random/eval/seed{s}_image-random/results.json") for s in RANDOM_SEEDS]
+    pre = [at_200(s, "max") for s in RANDOM_SEEDS]
+    md += table(
+        ["image tower"] + [name for _, name in METRICS],
+        [
+            [name] + [spread([(m or {}).get(k) for m in ms]) for k, _ in METRICS]
+            for name, ms in (("DINOv2", pre), ("random", rand))
+        ],
+    )
+    # training speed without an evaluation beside it: the seeds sweep's max runs for DINOv2
+    fast = [median_speed("grouping-seeds", f"seed{s}_max") for s in SEEDS if s not in CURVE_SEEDS]
+    slow = [median_speed("grouping-random", f"seed{s}_image-random") for s in RANDOM_SEEDS]
+    md += [
+        "",
+        f"Training speed (median images/s): DINOv2 with 10 blocks frozen {spread(fast)} (section 1's seeds 2-4); "
+        f"random, every block trained {spread(slow)}",
+    ]
+    md += ["", "DINOv2 - random, paired by seed:", ""]
     rows = []
-    for keep in ("0.5", "off"):
-        for res in (112, 336):
-            d = [
-                (sub_eval(keep, s, res) or {}).get("seg", math.nan)
-                - (sub_eval(keep, s, 224) or {}).get("seg", math.nan)
-                for s in SUB_SEEDS
-            ]
-            rows.append([keep, f"224 -> {res}", " / ".join(f"{v:+.1f}" for v in d)])
-    md += table(["keep", "resolution", "seg mIoU change"], rows)
+    for k, name in METRICS:
+        rows.append([name] + test_cells([(m or {}).get(k) for m in pre], [(m or {}).get(k) for m in rand]))
+    md += table(["metric", "seeds", "mean diff", "per seed", "t", "p"], rows)
 
     # ---------------------------------------------------------------- experiment 4
     md += ["", "## 4. The fairness fixes (max pooling, seed 0, step 200)", ""]
