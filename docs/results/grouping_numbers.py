@@ -291,7 +291,7 @@ def main() -> None:
             return flat(SWEEPS / sweep / "eval" / label.format(seed) / "results.json")
         return flat(EVALS / f"res{res}" / folder.format(seed) / "results.json")
 
-    def seg_at(variant: tuple, res: int, key: str = "seg") -> list[float | None]:
+    def metric_at(variant: tuple, res: int, key: str = "seg") -> list[float | None]:
         return [(sub_eval(variant, s, res) or {}).get(key) for s in SUB_SEEDS]
 
     rows = []
@@ -301,7 +301,7 @@ def main() -> None:
         for res in RESOLUTIONS:
             rows.append(
                 [keep, str(steps), " / ".join(fmt(x) for x in speeds), str(res)]
-                + [" / ".join(fmt(x) for x in seg_at(v, res, k)) for k in ("seg", "fg", "unsup")]
+                + [" / ".join(fmt(x) for x in metric_at(v, res, k)) for k in ("seg", "fg", "unsup")]
             )
     md += table(
         ["keep", "steps", "images/s (median)", "resolution", "seg mIoU", "foreground mIoU", "unsup Jaccard"], rows
@@ -312,7 +312,7 @@ def main() -> None:
         rows = []
         for res in RESOLUTIONS:
             for k, name in (("seg", "seg mIoU"), ("unsup", "unsup Jaccard")):
-                rows.append([str(res), name] + test_cells(seg_at(sub, res, k), seg_at(off, res, k)))
+                rows.append([str(res), name] + test_cells(metric_at(sub, res, k), metric_at(off, res, k)))
         md += table(["resolution", "metric", "seeds", "mean diff", "per seed", "t", "p"], rows)
     md += [
         "",
@@ -325,7 +325,9 @@ def main() -> None:
     change = {}
     for v in variants:
         for res in (224, 336):
-            d = [x - y if x is not None and y is not None else None for x, y in zip(seg_at(v, res), seg_at(v, 112))]
+            d = [
+                x - y if x is not None and y is not None else None for x, y in zip(metric_at(v, res), metric_at(v, 112))
+            ]
             change[v[1], res] = d
             per_seed = " / ".join("—" if x is None else f"{x:+.1f}" for x in d)
             rows.append([f"{v[0]} ({v[1]} steps)", f"112 -> {res}", per_seed, "", "", ""])
