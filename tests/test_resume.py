@@ -242,3 +242,54 @@ def test_a_resume_the_config_cannot_take_is_refused_before_ray_starts_with_what_
     cfg.train.num_workers = 2
     assert check_resume(cfg, str(old), "full") == str(old)  # on 2 workers it resumes
     assert check_resume(cfg, str(old), "weights") is None  # weights mode: a new run
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_run_whose_text_tower_came_from_a_pretrained_folder_passes_the_resume_check_from_its_config_alone(
+    where, tmp_path, request
+):
+    """Resuming builds the model's shapes without weights; a pretrained text folder (local or on S3)
+    gives the encoder's architecture by its config.json alone. A checkpoint of that model passes the
+    check (it used to stop every such resume: 'defines the encoder's architecture'); one of another
+    text encoder is refused in one line. On S3 only config.json is there: no weights are read."""
+    import json
+
+    from transformers import T5Config
+
+    from clippy_ray.model import build_model
+    from clippy_ray.model.pretrained import save_text_encoder
+    from clippy_ray.model.text import encoder_from_config
+    from clippy_ray.tokenizer import build_tokenizer
+    from clippy_ray.train.shards import FORMAT, INDEX
+    from clippy_ray.train.trainer import check_resume
+    from tests.conftest import tiny_config
+
+    # 3 layers of width 48: not TINY's text encoder, so only the folder can give these shapes
+    folder = tmp_path / "t5"
+    t5 = T5Config(vocab_size=512, num_layers=3, d_model=48, d_kv=8, num_heads=6, d_ff=96)
+    save_text_encoder(encoder_from_config(t5), folder)
+    overrides = ["model.text.hf_config={}", f"train.storage={tmp_path / 'runs'}", "train.run_name=new"]
+    local = tiny_config(f"model.text.pretrained={folder}", *overrides)
+    model = build_model(local.model, build_tokenizer(local.model.text).vocab_size)  # the weights, loaded
+    uri = str(folder)
+    if where == "s3":
+        import boto3
+
+        name = request.getfixturevalue("bucket")
+        boto3.client("s3").upload_file(str(folder / "config.json"), name, "t5/config.json")
+        uri = f"s3://{name}/t5"
+
+    def checkpoint(name: str, sizes: dict[str, int]) -> str:
+        ckpt = tmp_path / name
+        (ckpt / INDEX).parent.mkdir(parents=True)
+        (ckpt / INDEX).write_text(json.dumps({"format": FORMAT, "numel": sizes}))
+        (ckpt / "train_state.json").write_text(json.dumps({"step": 5, "optimizer": "adamw", "world_size": 1}))
+        return str(ckpt)
+
+    cfg = tiny_config(f"model.text.pretrained={uri}", *overrides)
+    same = checkpoint("same", {n: p.numel() for n, p in model.named_parameters()})
+    assert check_resume(cfg, same, "full") == same
+    tiny = build_model(tiny_config().model, build_tokenizer(cfg.model.text).vocab_size)
+    other = checkpoint("other", {n: p.numel() for n, p in tiny.named_parameters()})
+    with pytest.raises(InputError, match=r"its optimizer state is for another model \(not in the checkpoint: "):
+        check_resume(cfg, other, "full")

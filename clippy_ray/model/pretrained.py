@@ -4,6 +4,7 @@ wrongly shaped key is an error that lists them. Nothing is downloaded from a mod
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pyarrow.fs as pafs
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from clippy_ray import safeload, storage
 from clippy_ray.errors import UserError
@@ -171,16 +172,32 @@ def _read_hf_weights(folder: Path, uri: str) -> dict[str, torch.Tensor]:
     raise PretrainedError(f"{uri}: no model.safetensors or pytorch_model.bin in the folder")
 
 
+def _hf_config(folder: Path, uri: str, overrides: dict | None) -> PretrainedConfig:
+    try:  # never the folder's own Python code (auto_map): transformers refuses it here
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False, **(overrides or {}))
+    except (OSError, ValueError) as err:
+        raise PretrainedError(f"{uri}: not a usable HF model config ({str(err).strip().splitlines()[0]})") from None
+
+
+def text_encoder_config(uri: str, overrides: dict | None = None) -> PretrainedConfig:
+    """The architecture of the HF model folder at `uri`, from its config.json alone (no weights are
+    read or downloaded): what a model is built with when its weights come from elsewhere."""
+    config_uri = storage.join(uri, "config.json")
+    if not storage.exists(config_uri):
+        raise PretrainedError(f"{uri}: expected an HF model folder with config.json")
+    raw = storage.read_bytes(config_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_bytes(raw)
+        return _hf_config(Path(tmp), uri, overrides)
+
+
 def load_text_encoder(uri: str, overrides: dict | None = None) -> PreTrainedModel:
     """An encoder built from an HF model folder (config.json + weights), e.g. Sentence-T5.
     A full T5 checkpoint is accepted: its decoder and LM head are not part of the tower."""
     folder = storage.fetch(uri)
     if not (folder / "config.json").exists():
         raise PretrainedError(f"{uri}: expected an HF model folder with config.json")
-    try:  # never the folder's own Python code (auto_map): transformers refuses it here
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False, **(overrides or {}))
-    except (OSError, ValueError) as err:
-        raise PretrainedError(f"{uri}: not a usable HF model config ({str(err).strip().splitlines()[0]})") from None
+    config = _hf_config(folder, uri, overrides)
     encoder = encoder_from_config(config)
     state = _read_hf_weights(folder, uri)
     prefix = f"{encoder.base_model_prefix}."

@@ -78,10 +78,14 @@ def model_sizes(cfg: config.Config) -> dict[str, int]:
     import torch
 
     from clippy_ray.model import build_model
+    from clippy_ray.model.pretrained import text_encoder_config
     from clippy_ray.tokenizer import build_tokenizer
 
+    text = cfg.model.text
+    # a pretrained text folder defines the encoder: its config.json, not its weights
+    encoder = text_encoder_config(text.pretrained, text.hf_config) if text.pretrained else None
     with torch.device("meta"):
-        model = build_model(cfg.model, build_tokenizer(cfg.model.text).vocab_size, load_pretrained=False)
+        model = build_model(cfg.model, build_tokenizer(text).vocab_size, load_pretrained=False, encoder_config=encoder)
     return {name: param.numel() for name, param in model.named_parameters()}
 
 
