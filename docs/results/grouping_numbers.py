@@ -143,6 +143,22 @@ def chance_top1() -> float:
     return 100 * sum(shares) / len(shares)
 
 
+def all_background_floor() -> tuple[float, float]:
+    """(seg mIoU, background IoU) of painting every pixel background, on the evaluated rows at their
+    stored size: what a model that finds no object scores."""
+    import numpy as np
+
+    from clippy_ray.eval import metrics
+
+    data = open_eval_set(DATA, "auto", rows_per_shard=32, max_rows=EVAL_ROWS)
+    n = len(data.class_names)
+    conf = np.zeros((n, n), np.int64)
+    for shard in data.splits["eval"]:
+        for s in load_shard(shard, data.has_background):
+            conf += metrics.confusion(np.zeros(s.mask.shape, np.int64), s.mask, n)
+    return 100 * metrics.mean_iou(conf), 100 * float(metrics.iou_per_class(conf)[0])
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     md: list[str] = [
@@ -163,6 +179,8 @@ def main() -> None:
         f"- cls top-1 chance (a guess hits any shape the image shows): {chance_top1():.1f}",
         f"- every pixel the image's largest object's class (from the truth): seg mIoU {fmt(first['floor'])}, "
         f"foreground mIoU {fmt(first['floor_fg'])}, background IoU 0.0",
+        "- every pixel background: seg mIoU {}, background IoU {} (the background's share of the pixels), "
+        "foreground 0.0".format(*map(fmt, all_background_floor())),
         f"- validation loss at chance: ln {pairs} = {math.log(pairs):.2f} (validation scores {pairs} pairs at once)",
         "",
         "The step-0 models (the pretrained towers, fresh projections from train.seed 0, no training):",
