@@ -94,8 +94,7 @@ def slope(steps: tuple[int, ...], values: list[float | None]) -> float:
     got = [(x, y) for x, y in zip(steps, values) if y is not None]
     if len(got) < 2:
         return math.nan
-    mx, my = statistics.mean(x for x, _ in got), statistics.mean(y for _, y in got)
-    return 100 * sum((x - mx) * (y - my) for x, y in got) / sum((x - mx) ** 2 for x, _ in got)
+    return 100 * statistics.linear_regression([x for x, _ in got], [y for _, y in got]).slope
 
 
 def median_speed(sweep: str, label: str) -> float | None:
@@ -131,32 +130,25 @@ def table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def chance_top1() -> float:
-    """Zero-shot classification's chance on the evaluated rows: a row hits when its guess is any of
-    the shapes it shows, so chance is the mean share of the foreground classes a row shows."""
-    data = open_eval_set(DATA, "auto", rows_per_shard=32, max_rows=EVAL_ROWS)
-    shares = []
-    n_fg = len(data.class_names) - (1 if data.has_background else 0)
-    for shard in data.splits["eval"]:
-        for s in load_shard(shard, data.has_background):
-            shares.append(len({label for label in s.labels if not (data.has_background and label == 0)}) / n_fg)
-    return 100 * sum(shares) / len(shares)
-
-
-def all_background_floor() -> tuple[float, float]:
-    """(seg mIoU, background IoU) of painting every pixel background, on the evaluated rows at their
-    stored size: what a model that finds no object scores."""
+def data_floors() -> tuple[float, float, float]:
+    """From the evaluated rows, read once: zero-shot classification's chance (a row hits when its
+    guess is any of the shapes it shows, so chance is the mean share of the foreground classes a
+    row shows), and the seg mIoU and background IoU of painting every pixel background (at the
+    rows' stored size: what a model that finds no object scores)."""
     import numpy as np
 
     from clippy_ray.eval import metrics
 
     data = open_eval_set(DATA, "auto", rows_per_shard=32, max_rows=EVAL_ROWS)
     n = len(data.class_names)
-    conf = np.zeros((n, n), np.int64)
+    n_fg = n - (1 if data.has_background else 0)
+    shares, conf = [], np.zeros((n, n), np.int64)
     for shard in data.splits["eval"]:
         for s in load_shard(shard, data.has_background):
+            shares.append(len({label for label in s.labels if not (data.has_background and label == 0)}) / n_fg)
             conf += metrics.confusion(np.zeros(s.mask.shape, np.int64), s.mask, n)
-    return 100 * metrics.mean_iou(conf), 100 * float(metrics.iou_per_class(conf)[0])
+    chance = 100 * sum(shares) / len(shares)
+    return chance, 100 * metrics.mean_iou(conf), 100 * float(metrics.iou_per_class(conf)[0])
 
 
 def main() -> None:
@@ -171,16 +163,17 @@ def main() -> None:
     ]
 
     # ---------------------------------------------------------------- floors and chance
+    chance, bg_miou, bg_iou = data_floors()
     first = next(v for s in SEEDS for a in AGGS if (v := at_200(s, a)))
     pairs = next(int(r["val_pairs"]) for r in reports("grouping-curve", "seed0_max") if r.get("val_pairs"))
     md += [
         "## Floors and chance",
         "",
-        f"- cls top-1 chance (a guess hits any shape the image shows): {chance_top1():.1f}",
+        f"- cls top-1 chance (a guess hits any shape the image shows): {chance:.1f}",
         f"- every pixel the image's largest object's class (from the truth): seg mIoU {fmt(first['floor'])}, "
         f"foreground mIoU {fmt(first['floor_fg'])}, background IoU 0.0",
-        "- every pixel background: seg mIoU {}, background IoU {} (the background's share of the pixels), "
-        "foreground 0.0".format(*map(fmt, all_background_floor())),
+        f"- every pixel background: seg mIoU {fmt(bg_miou)}, background IoU {fmt(bg_iou)} "
+        "(the background's share of the pixels), foreground 0.0",
         f"- validation loss at chance: ln {pairs} = {math.log(pairs):.2f} (validation scores {pairs} pairs at once)",
         "",
         "The step-0 models (the pretrained towers, fresh projections from train.seed 0, no training):",
